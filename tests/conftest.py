@@ -1,0 +1,12 @@
+"""Test-session setup: 8 fake CPU devices before JAX initialises, CPU only."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+
+# Set before any computation so multi-device tests see 8 devices; this avoids
+# XLA_FLAGS, which TensorFlow's own XLA also parses.
+jax.config.update("jax_num_cpu_devices", 8)
