@@ -1,0 +1,193 @@
+"""orbax checkpoints: latest + best kept, config and run metadata beside them.
+
+Layout: `<workdir>/checkpoints/<step>/{state,config,metadata}` where `step` is
+the number of finished epochs. Each checkpoint holds
+
+* `state`: the train state (params, batch stats, optimiser state, step),
+* `config`: the run's config as JSON (checked on resume / evaluation),
+* `metadata`: JSON the evaluator and the predictor need without the data
+  pipeline: the per-feature normalisation statistics of the fold's training
+  split, feature and window settings, emotions, the plateau / release state and
+  the validation metrics of that epoch.
+
+Retention uses a preservation policy (latest 1 + best 1 by mean validation
+CCC): `max_to_keep` with `best_fn` alone can delete the newest checkpoint and
+break resuming (STYLE.md item 11).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+PyTree = Any
+
+BEST_METRIC = "ccc_mean"
+
+
+def directory(workdir: str) -> str:
+  """Where a run keeps its checkpoints."""
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _best_metric(metrics: Mapping[str, float]) -> float:
+  return metrics[BEST_METRIC]
+
+
+def create_manager(workdir: str, *,
+                   read_only: bool = False) -> ocp.CheckpointManager:
+  """Opens (or creates) `<workdir>/checkpoints`.
+
+  Args:
+    workdir: the run's working directory.
+    read_only: for evaluation and prediction: never writes or deletes.
+
+  Raises:
+    FileNotFoundError: when `read_only` and the directory does not exist.
+  """
+  path = directory(workdir)
+  if read_only and not os.path.isdir(path):
+    raise FileNotFoundError(f"no checkpoint directory {path}; train first "
+                            f"with --workdir={workdir}")
+  policy = checkpoint_managers.AnyPreservationPolicy([
+      checkpoint_managers.LatestN(n=1),
+      # BestN keeps the *last* n after sorting ascending (reverse=False), i.e.
+      # the highest CCC.
+      checkpoint_managers.BestN(get_metric_fn=_best_metric, reverse=False,
+                                n=1),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      best_fn=_best_metric, best_mode="max", preservation_policy=policy,
+      read_only=read_only, create=not read_only)
+  return ocp.CheckpointManager(path, options=options)
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as plain JSON data (tuples become lists)."""
+  return json.loads(config.to_json())
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: PyTree,
+         config: ml_collections.ConfigDict, metadata: Mapping[str, Any],
+         ccc_mean: float) -> None:
+  """Saves asynchronously; call `manager.wait_until_finished()` before exit.
+
+  Args:
+    manager: from `create_manager`.
+    step: number of finished epochs.
+    state: train state (a pytree of jax.Arrays).
+    config: the run's config.
+    metadata: JSON-serialisable run metadata (see module docstring).
+    ccc_mean: the epoch's mean validation CCC, ranks checkpoints for "best".
+  """
+  manager.save(
+      step,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          config=ocp.args.JsonSave(config_to_json(config)),
+          metadata=ocp.args.JsonSave(_jsonable(metadata))),
+      metrics={BEST_METRIC: float(ccc_mean)})
+
+
+def _jsonable(tree: Any) -> Any:
+  # Fail here, naming the problem, rather than inside orbax's writer thread.
+  return json.loads(json.dumps(tree, default=_to_list))
+
+
+def _to_list(x: Any) -> Any:
+  if hasattr(x, "tolist"):
+    return x.tolist()
+  raise TypeError(f"checkpoint metadata value of type {type(x).__name__} is "
+                  "not JSON-serialisable")
+
+
+@dataclasses.dataclass
+class Restored:
+  state: PyTree | None
+  config: dict[str, Any]
+  metadata: dict[str, Any]
+
+
+def restore(manager: ocp.CheckpointManager, step: int,
+            abstract_state: PyTree | None = None) -> Restored:
+  """Restores checkpoint `step`.
+
+  Args:
+    manager: from `create_manager`.
+    step: which checkpoint (`manager.latest_step()` or `manager.best_step()`).
+    abstract_state: pytree of `jax.ShapeDtypeStruct`s with shardings; the state
+      is restored onto those shardings. None restores only config + metadata.
+
+  Raises:
+    FileNotFoundError: if the checkpoint does not exist.
+  """
+  if step not in manager.all_steps():
+    raise FileNotFoundError(
+        f"checkpoint step {step} not in {manager.directory}; available: "
+        f"{sorted(manager.all_steps())}")
+  items = dict(config=ocp.args.JsonRestore(),
+               metadata=ocp.args.JsonRestore())
+  if abstract_state is not None:
+    items["state"] = ocp.args.StandardRestore(abstract_state)
+  out = manager.restore(step, args=ocp.args.Composite(**items))
+  return Restored(state=out.get("state") if abstract_state is not None
+                  else None,
+                  config=out["config"], metadata=out["metadata"])
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """`{'a': {'b': 1}}` -> `{'a.b': 1}`."""
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping) and value:
+      flat.update(flatten(value, name + "."))
+    else:
+      flat[name] = value
+  return flat
+
+
+def config_differences(saved: Mapping[str, Any],
+                       current: ml_collections.ConfigDict,
+                       ignore: Sequence[str] = ()) -> list[str]:
+  """Dotted keys whose values differ between a saved and the current config.
+
+  Keys equal to or under an `ignore` entry (e.g. 'data.cache_dir' or 'eval')
+  are skipped: they change where or how often things happen, not what is
+  computed.
+  """
+  a, b = flatten(saved), flatten(config_to_json(current))
+  def ignored(key):
+    return any(key == p or key.startswith(p + ".") for p in ignore)
+  return sorted(k for k in set(a) | set(b)
+                if not ignored(k) and a.get(k, "<missing>") != b.get(
+                    k, "<missing>"))
+
+
+def check_config(saved: Mapping[str, Any],
+                 current: ml_collections.ConfigDict, where: str,
+                 ignore: Sequence[str] = ()) -> None:
+  """Raises ValueError naming every key that differs (see config_differences).
+
+  Args:
+    saved: config JSON restored from a checkpoint.
+    current: the config of this invocation.
+    where: the checkpoint directory, for the message.
+    ignore: key prefixes allowed to differ.
+  """
+  diffs = config_differences(saved, current, ignore)
+  if diffs:
+    a, b = flatten(saved), flatten(config_to_json(current))
+    lines = "; ".join(f"{k}: saved {a.get(k, '<missing>')!r}, current "
+                      f"{b.get(k, '<missing>')!r}" for k in diffs)
+    raise ValueError(
+        f"the checkpoint in {where} was written with a different config "
+        f"({len(diffs)} keys differ): {lines}. Use the same config (and "
+        "overrides) or a new --workdir.")
