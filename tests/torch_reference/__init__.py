@@ -1,0 +1,1 @@
+"""PyTorch transcriptions of the reference modules, used only by parity tests."""
