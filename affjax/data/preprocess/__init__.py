@@ -1,0 +1,1 @@
+"""Raw Aff-Wild2 layout to the per-trial feature cache."""
