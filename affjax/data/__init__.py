@@ -1,0 +1,1 @@
+"""Aff-Wild2 data: synthetic generator, preprocessing, TFDS and tf.data."""
