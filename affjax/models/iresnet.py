@@ -20,10 +20,10 @@ outputs are identical given the same statistics.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 import functools
 import math
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -43,7 +43,8 @@ PRELU_INIT = 0.25  # torch.nn.PReLU default slope.
 # PyTorch's default Conv2d / Linear init (kaiming-uniform with a=sqrt(5)) is a
 # uniform distribution with variance 1 / (3 * fan_in).
 torch_default_kernel_init = nn.initializers.variance_scaling(
-    1.0 / 3.0, 'fan_in', 'uniform')
+  1.0 / 3.0, "fan_in", "uniform"
+)
 
 
 def _torch_default_bias_init(key, shape, dtype=jnp.float32, *, fan_in: int):
@@ -51,14 +52,32 @@ def _torch_default_bias_init(key, shape, dtype=jnp.float32, *, fan_in: int):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def _batch_norm(*, train: bool, dtype: Any, name: str) -> nn.BatchNorm:
+  # Two-pass variance, as PyTorch computes it; the fast E[x^2] - E[x]^2 form
+  # loses precision when the mean is large relative to the spread.
+  return nn.BatchNorm(
+    use_running_average=not train,
+    momentum=BN_MOMENTUM,
+    epsilon=BN_EPSILON,
+    use_fast_variance=False,
+    dtype=dtype,
+    name=name,
+  )
+
+
 class PReLU(nn.Module):
   """PReLU with one learned slope per channel (last axis), as torch.nn.PReLU."""
+
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    slope = self.param('negative_slope', nn.initializers.constant(PRELU_INIT),
-                       (x.shape[-1],), self.param_dtype)
+    slope = self.param(
+      "negative_slope",
+      nn.initializers.constant(PRELU_INIT),
+      (x.shape[-1],),
+      self.param_dtype,
+    )
     return jnp.where(x >= 0, x, slope.astype(x.dtype) * x)
 
 
@@ -68,17 +87,22 @@ class SqueezeExcite(nn.Module):
   The reference uses 1x1 convolutions without bias on the pooled map; on a
   `[batch, 1, 1, channels]` tensor those are bias-free dense layers.
   """
+
   reduction: int = 16
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     channels = x.shape[-1]
-    dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype,
-                              kernel_init=torch_default_kernel_init)
+    dense = functools.partial(
+      nn.Dense,
+      use_bias=False,
+      dtype=self.dtype,
+      kernel_init=torch_default_kernel_init,
+    )
     s = jnp.mean(x, axis=(1, 2), keepdims=True)
-    s = nn.relu(dense(channels // self.reduction, name='fc1')(s))
-    s = nn.sigmoid(dense(channels, name='fc2')(s))
+    s = nn.relu(dense(channels // self.reduction, name="fc1")(s))
+    s = nn.sigmoid(dense(channels, name="fc2")(s))
     return x * s
 
 
@@ -89,6 +113,7 @@ class IRUnit(nn.Module):
   [-> SE]. Shortcut: the input subsampled by `stride` (the reference's 1x1
   max-pool) when the width is unchanged, else conv1x1 (stride) -> BN.
   """
+
   features: int
   stride: int = 1
   se_reduction: int = 0  # 0 disables the SE gate (IR); 16 in IR-SE.
@@ -96,30 +121,34 @@ class IRUnit(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
-    norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
-        epsilon=BN_EPSILON, dtype=self.dtype)
+    norm = functools.partial(_batch_norm, train=train, dtype=self.dtype)
     conv = functools.partial(
-        nn.Conv, self.features, use_bias=False, dtype=self.dtype,
-        kernel_init=torch_default_kernel_init)
+      nn.Conv,
+      self.features,
+      use_bias=False,
+      dtype=self.dtype,
+      kernel_init=torch_default_kernel_init,
+    )
     s = self.stride
     if x.shape[-1] == self.features:
       shortcut = x[:, ::s, ::s, :]
     else:
-      shortcut = conv((1, 1), strides=(s, s), padding='VALID',
-                      name='shortcut_conv')(x)
-      shortcut = norm(name='shortcut_bn')(shortcut)
+      shortcut = conv(
+        (1, 1), strides=(s, s), padding="VALID", name="shortcut_conv"
+      )(x)
+      shortcut = norm(name="shortcut_bn")(shortcut)
 
     # Explicit symmetric padding: 'SAME' would pad (0, 1) at stride 2 on even
     # sizes, which differs from PyTorch's padding=1.
-    y = norm(name='res_bn1')(x)
-    y = conv((3, 3), padding=((1, 1), (1, 1)), name='res_conv1')(y)
-    y = PReLU(name='res_prelu')(y)
-    y = conv((3, 3), strides=(s, s), padding=((1, 1), (1, 1)),
-             name='res_conv2')(y)
-    y = norm(name='res_bn2')(y)
+    y = norm(name="res_bn1")(x)
+    y = conv((3, 3), padding=((1, 1), (1, 1)), name="res_conv1")(y)
+    y = PReLU(name="res_prelu")(y)
+    y = conv(
+      (3, 3), strides=(s, s), padding=((1, 1), (1, 1)), name="res_conv2"
+    )(y)
+    y = norm(name="res_bn2")(y)
     if self.se_reduction:
-      y = SqueezeExcite(self.se_reduction, dtype=self.dtype, name='se')(y)
+      y = SqueezeExcite(self.se_reduction, dtype=self.dtype, name="se")(y)
     return y + shortcut
 
 
@@ -139,6 +168,7 @@ class IResNet(nn.Module):
     dtype: computation dtype (parameters stay float32; the embedding is
       normalised and returned in float32).
   """
+
   stage_channels: Sequence[int] = (64, 128, 256, 512)
   stage_units: Sequence[int] = (3, 4, 14, 3)
   stage_strides: Sequence[int] = (1, 2, 2, 2)
@@ -161,38 +191,51 @@ class IResNet(nn.Module):
       `[batch, embedding_dim]` float32 embeddings of unit L2 norm.
     """
     if x.ndim != 4:
-      raise ValueError(f'IResNet expects [batch, height, width, channels] '
-                       f'images, found shape {x.shape}')
-    norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
-        epsilon=BN_EPSILON, dtype=self.dtype)
+      raise ValueError(
+        f"IResNet expects [batch, height, width, channels] "
+        f"images, found shape {x.shape}"
+      )
+    norm = functools.partial(_batch_norm, train=train, dtype=self.dtype)
     x = x.astype(self.dtype)
-    x = nn.Conv(self.stage_channels[0], (3, 3), padding=((1, 1), (1, 1)),
-                use_bias=False, dtype=self.dtype,
-                kernel_init=torch_default_kernel_init, name='input_conv')(x)
-    x = norm(name='input_bn')(x)
-    x = PReLU(name='input_prelu')(x)
+    x = nn.Conv(
+      self.stage_channels[0],
+      (3, 3),
+      padding=((1, 1), (1, 1)),
+      use_bias=False,
+      dtype=self.dtype,
+      kernel_init=torch_default_kernel_init,
+      name="input_conv",
+    )(x)
+    x = norm(name="input_bn")(x)
+    x = PReLU(name="input_prelu")(x)
 
     index = 0
-    for features, units, stride in zip(self.stage_channels, self.stage_units,
-                                        self.stage_strides):
+    for features, units, stride in zip(
+      self.stage_channels, self.stage_units, self.stage_strides
+    ):
       for u in range(units):
-        x = IRUnit(features, stride if u == 0 else 1, self.se_reduction,
-                   dtype=self.dtype, name=f'body_{index}')(x, train=train)
+        x = IRUnit(
+          features,
+          stride if u == 0 else 1,
+          self.se_reduction,
+          dtype=self.dtype,
+          name=f"body_{index}",
+        )(x, train=train)
         index += 1
 
-    x = norm(name='output_bn2d')(x)
+    x = norm(name="output_bn2d")(x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     # The reference flattens NCHW (channel-major); flattening in the same
     # order keeps the dense kernel identical to the PyTorch weight transposed.
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
     x = nn.Dense(
-        self.embedding_dim, dtype=self.dtype,
-        kernel_init=torch_default_kernel_init,
-        bias_init=functools.partial(_torch_default_bias_init,
-                                    fan_in=x.shape[-1]),
-        name='output_dense')(x)
-    x = norm(name='output_bn1d')(x)
+      self.embedding_dim,
+      dtype=self.dtype,
+      kernel_init=torch_default_kernel_init,
+      bias_init=functools.partial(_torch_default_bias_init, fan_in=x.shape[-1]),
+      name="output_dense",
+    )(x)
+    x = norm(name="output_bn1d")(x)
     x = x.astype(jnp.float32)
     # The reference divides by the norm unguarded; the floor only avoids NaN
     # for an exactly-zero vector and changes nothing otherwise.
@@ -205,16 +248,17 @@ IRSE50 = functools.partial(IResNet, se_reduction=16)
 # CPU-friendly stand-in for tests and the demo config: one unit per stage at a
 # quarter of the width, same 40x40 input and 512-d output. The first unit keeps
 # its width (max-pool shortcut), the others change it (conv shortcut).
-IRTiny = functools.partial(IResNet, stage_channels=(16, 32, 64, 128),
-                           stage_units=(1, 1, 1, 1))
+IRTiny = functools.partial(
+  IResNet, stage_channels=(16, 32, 64, 128), stage_units=(1, 1, 1, 1)
+)
 IRSETiny = functools.partial(IRTiny, se_reduction=4)
 
 # Backbone names as used in config.model.backbone.name.
 BACKBONES = {
-    'ir50': IR50,
-    'ir_se50': IRSE50,
-    'tiny': IRTiny,
-    'tiny_se': IRSETiny,
+  "ir50": IR50,
+  "ir_se50": IRSE50,
+  "tiny": IRTiny,
+  "tiny_se": IRSETiny,
 }
 
 # Gradual-release groups per backbone name, in release order: regexes over
@@ -229,10 +273,172 @@ BACKBONES = {
 #          (187, 205) = body.19-20.
 # The tiny variants follow the IR-50 pattern: output layer, last stage, the
 # unit before it.
-_OUTPUT_LAYER = r'output_(bn2d|dense|bn1d)/'
+_OUTPUT_LAYER = r"output_(bn2d|dense|bn1d)/"
 RELEASE_GROUPS: dict[str, list[list[str]]] = {
-    'ir50': [[_OUTPUT_LAYER], [r'body_(21|22|23)/'], [r'body_(18|19|20)/']],
-    'ir_se50': [[_OUTPUT_LAYER], [r'body_(21|22|23)/'], [r'body_(19|20)/']],
-    'tiny': [[_OUTPUT_LAYER], [r'body_3/'], [r'body_2/']],
-    'tiny_se': [[_OUTPUT_LAYER], [r'body_3/'], [r'body_2/']],
+  "ir50": [[_OUTPUT_LAYER], [r"body_(21|22|23)/"], [r"body_(18|19|20)/"]],
+  "ir_se50": [[_OUTPUT_LAYER], [r"body_(21|22|23)/"], [r"body_(19|20)/"]],
+  "tiny": [[_OUTPUT_LAYER], [r"body_3/"], [r"body_2/"]],
+  "tiny_se": [[_OUTPUT_LAYER], [r"body_3/"], [r"body_2/"]],
 }
+
+# Reference layer name -> (flax module path, layer kind). Body entries are
+# relative to `body.<i>.` / `body_<i>/`.
+_TOP_LAYERS = {
+  "input_layer.0": ("input_conv", "conv"),
+  "input_layer.1": ("input_bn", "bn"),
+  "input_layer.2": ("input_prelu", "prelu"),
+  "output_layer.0": ("output_bn2d", "bn"),
+  "output_layer.3": ("output_dense", "linear"),
+  "output_layer.4": ("output_bn1d", "bn"),
+}
+_RES_LAYERS = {
+  "res_layer.0": ("res_bn1", "bn"),
+  "res_layer.1": ("res_conv1", "conv"),
+  "res_layer.2": ("res_prelu", "prelu"),
+  "res_layer.3": ("res_conv2", "conv"),
+  "res_layer.4": ("res_bn2", "bn"),
+}
+_SE_LAYERS = {
+  "res_layer.5.fc1": ("se/fc1", "se"),
+  "res_layer.5.fc2": ("se/fc2", "se"),
+}
+_SHORTCUT_LAYERS = {
+  "shortcut_layer.0": ("shortcut_conv", "conv"),
+  "shortcut_layer.1": ("shortcut_bn", "bn"),
+}
+# Per layer kind: reference leaf -> (collection, flax leaf, transform).
+_LEAVES = {
+  "conv": {"weight": ("params", "kernel", lambda w: w.transpose(2, 3, 1, 0))},
+  "linear": {
+    "weight": ("params", "kernel", lambda w: w.T),
+    "bias": ("params", "bias", None),
+  },
+  "se": {"weight": ("params", "kernel", lambda w: w[:, :, 0, 0].T)},
+  "prelu": {"weight": ("params", "negative_slope", None)},
+  "bn": {
+    "weight": ("params", "scale", None),
+    "bias": ("params", "bias", None),
+    "running_mean": ("batch_stats", "mean", None),
+    "running_var": ("batch_stats", "var", None),
+  },
+}
+_BODY_KEY = re.compile(r"body\.(\d+)\.")
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+  if hasattr(value, "detach"):  # torch.Tensor, without importing torch.
+    value = value.detach().cpu().numpy()
+  return np.asarray(value, dtype=np.float32)
+
+
+def _reference_layers(
+  keys: set[str], shapes: Mapping[str, tuple[int, ...]]
+) -> dict:
+  """Infers the reference's layer list (name -> (flax path, kind)) from keys.
+
+  The unit count comes from the `body.<i>` indices, SE from any SE key, and a
+  unit's shortcut kind from its channel counts (BN input vs conv output
+  width), falling back to the presence of shortcut keys; missing leaves of the
+  inferred layers are then reported by the caller.
+  """
+  layers = dict(_TOP_LAYERS)
+  indices = {int(m.group(1)) for k in keys if (m := _BODY_KEY.match(k))}
+  has_se = any(".res_layer.5." in k for k in keys)
+  for i in range(max(indices) + 1 if indices else 0):
+    unit = dict(_RES_LAYERS)
+    if has_se:
+      unit.update(_SE_LAYERS)
+    in_shape = shapes.get(f"body.{i}.res_layer.0.weight")
+    out_shape = shapes.get(f"body.{i}.res_layer.1.weight")
+    if in_shape is not None and out_shape is not None:
+      conv_shortcut = in_shape[0] != out_shape[0]
+    else:
+      conv_shortcut = any(
+        k.startswith(f"body.{i}.shortcut_layer.") for k in keys
+      )
+    if conv_shortcut:
+      unit.update(_SHORTCUT_LAYERS)
+    for name, (path, kind) in unit.items():
+      layers[f"body.{i}.{name}"] = (f"body_{i}/{path}", kind)
+  return layers
+
+
+def _set_nested(tree: dict, path: str, value: np.ndarray) -> None:
+  *parents, leaf = path.split("/")
+  for part in parents:
+    tree = tree.setdefault(part, {})
+  tree[leaf] = value
+
+
+def iresnet_variables_from_torch(
+  state_dict: Mapping[str, Any], prefix: str = ""
+) -> Variables:
+  """Converts the reference backbone's PyTorch state dict to Flax variables.
+
+  Args:
+    state_dict: reference key names (exactly as `Backbone.state_dict()` has
+      them, e.g. `body.3.res_layer.1.weight`) to arrays (numpy or torch).
+    prefix: only keys starting with it are converted (e.g. 'spatial.' in the
+      fusion model's state dict); other keys are left to the caller.
+      `num_batches_tracked` entries are ignored.
+
+  Returns:
+    `{'params': ..., 'batch_stats': ...}` for `IResNet` with the architecture
+    the keys describe (unit count, SE or not).
+
+  Raises:
+    ValueError: if no key has the prefix, or if keys are missing or
+      unexpected for the inferred architecture (all of them listed).
+  """
+  sub = {
+    k[len(prefix) :]: v
+    for k, v in state_dict.items()
+    if k.startswith(prefix) and not k.endswith(".num_batches_tracked")
+  }
+  if not sub:
+    raise ValueError(
+      f"no backbone keys with prefix {prefix!r} in the state "
+      f"dict; found e.g. {sorted(state_dict)[:5]}"
+    )
+  shapes = {k: tuple(getattr(v, "shape", ())) for k, v in sub.items()}
+  layers = _reference_layers(set(sub), shapes)
+  expected = {}
+  for name, (path, kind) in layers.items():
+    for leaf, (collection, flax_leaf, fn) in _LEAVES[kind].items():
+      expected[f"{name}.{leaf}"] = (collection, f"{path}/{flax_leaf}", fn)
+  missing = sorted(set(expected) - set(sub))
+  unexpected = sorted(set(sub) - set(expected))
+  if missing or unexpected:
+    raise ValueError(
+      f"IResNet state dict (prefix {prefix!r}) does not match the "
+      f"reference layout: missing keys {[prefix + k for k in missing]}, "
+      f"unexpected keys {[prefix + k for k in unexpected]}"
+    )
+  variables = {"params": {}, "batch_stats": {}}
+  for key, (collection, path, fn) in expected.items():
+    value = _to_numpy(sub[key])
+    # A contiguous copy: the result must not alias the caller's tensors.
+    value = np.array(fn(value) if fn else value, order="C")
+    _set_nested(variables[collection], path, value)
+  return variables
+
+
+def iresnet_variables_from_res50(state_dict: Mapping[str, Any]) -> Variables:
+  """Converts the pretrained `res50_ir_0.887.pth` layout (reference my_res50).
+
+  That file holds the backbone under `backbone.` and an expression classifier
+  under `logits.`, which the reference drops when it keeps only the backbone.
+
+  Raises:
+    ValueError: on keys outside `backbone.` / `logits.`, or as
+      `iresnet_variables_from_torch` does.
+  """
+  stray = sorted(
+    k for k in state_dict if not k.startswith(("backbone.", "logits."))
+  )
+  if stray:
+    raise ValueError(
+      f"res50 state dict: unexpected keys {stray} (expected "
+      f"only backbone.* and logits.*)"
+    )
+  return iresnet_variables_from_torch(state_dict, prefix="backbone.")
