@@ -107,12 +107,32 @@ def module_from_params(params: Params, final_relu: bool = False) -> VGGish:
                 final_relu=final_relu)
 
 
+def _param_shapes(model: VGGish) -> dict[str, dict[str, tuple[int, ...]]]:
+  x = jax.ShapeDtypeStruct((1, NUM_FRAMES, NUM_BANDS, 1), jnp.float32)
+  shapes = jax.eval_shape(
+      lambda x: model.init(jax.random.PRNGKey(0), x), x)['params']
+  return {layer: {leaf: tuple(s.shape) for leaf, s in leaves.items()}
+          for layer, leaves in shapes.items()}
+
+
 def init_params(seed: int = 0, *, tiny: bool = False) -> dict[str, Any]:
-  """Random VGGish params (`tiny=True`: the narrow test variant)."""
-  model = VGGish(**_TINY) if tiny else VGGish()
-  x = jnp.zeros((1, NUM_FRAMES, NUM_BANDS, 1), jnp.float32)
-  init = jax.jit(lambda key: model.init(key, x)['params'])
-  return jax.device_get(init(jax.random.PRNGKey(seed)))
+  """Random VGGish params (`tiny=True`: the narrow test variant).
+
+  Kernels are N(0, 1 / fan_in) (LeCun normal), biases zero, drawn with
+  numpy's PCG64 from `seed`: for the 72M weights of the full model this is
+  several times faster than JAX's PRNG on CPU, and equally deterministic.
+  """
+  shapes = _param_shapes(VGGish(**_TINY) if tiny else VGGish())
+  rng = np.random.default_rng(seed)
+  params = {}
+  for layer in CONV_NAMES + FC_NAMES + ('fc2',):  # Fixed draw order.
+    kernel_shape = shapes[layer]['kernel']
+    fan_in = int(np.prod(kernel_shape[:-1]))
+    kernel = rng.standard_normal(kernel_shape, dtype=np.float32)
+    kernel *= np.float32(1.0 / np.sqrt(fan_in))
+    params[layer] = {'kernel': kernel,
+                     'bias': np.zeros(shapes[layer]['bias'], np.float32)}
+  return params
 
 
 @functools.lru_cache(maxsize=1)
@@ -174,16 +194,13 @@ def _as_numpy(value: Any) -> np.ndarray:
 
 def _check_against_init(params: dict[str, Any], source: str) -> None:
   """Raises if the converted shapes do not form a consistent VGGish."""
-  model = module_from_params(params)
-  x = jax.ShapeDtypeStruct((1, NUM_FRAMES, NUM_BANDS, 1), jnp.float32)
-  expected = jax.eval_shape(
-      lambda x: model.init(jax.random.PRNGKey(0), x), x)['params']
+  expected = _param_shapes(module_from_params(params))
   for layer, leaves in expected.items():
-    for leaf, spec in leaves.items():
-      got = params[layer][leaf].shape
-      if got != spec.shape:
+    for leaf, shape in leaves.items():
+      got = tuple(params[layer][leaf].shape)
+      if got != shape:
         raise ValueError(f'{source}: {layer}/{leaf} has shape {got}, the '
-                         f'architecture needs {spec.shape}.')
+                         f'architecture needs {shape}.')
 
 
 def _take(source: Mapping[str, Any], key: str, what: str) -> np.ndarray:
