@@ -141,6 +141,30 @@ def test_tf_checkpoint_file(tmp_path):
     vggish.load_tf_checkpoint(str(tmp_path / 'nothing.ckpt'))
 
 
+def test_load_params_by_file_kind(tmp_path):
+  model = _torch_model(seed=4, final_relu=False)
+  path = tmp_path / 'vggish-tiny.pth'
+  torch.save(model.state_dict(), path)
+  x = _examples(2, seed=4)
+  params = vggish.load_params(path)
+  assert _rel_err(vggish.embed(x, params), _torch_embed(model, x)) < 1e-5
+  with pytest.raises(FileNotFoundError, match='absent.pth'):
+    vggish.load_params(tmp_path / 'absent.pth')
+  junk = tmp_path / 'junk.pth'
+  junk.write_bytes(b'not a checkpoint')
+  with pytest.raises(ValueError, match='junk.pth'):
+    vggish.load_params(junk)
+  rng = np.random.default_rng(0)
+  eig, means = rng.normal(size=(128, 128)), rng.normal(size=(128, 1))
+  np.savez(tmp_path / 'pca.npz', pca_eigen_vectors=eig, pca_means=means)
+  got_eig, got_means = vggish.load_pca_params(tmp_path / 'pca.npz')
+  np.testing.assert_allclose(got_eig, eig, rtol=1e-6)
+  assert got_means.shape == (128,)
+  np.savez(tmp_path / 'bad.npz', pca_means=means)
+  with pytest.raises(KeyError, match='pca_eigen_vectors'):
+    vggish.load_pca_params(tmp_path / 'bad.npz')
+
+
 def test_converter_key_and_shape_errors():
   sd = dict(_torch_model().state_dict())
   missing = dict(sd)

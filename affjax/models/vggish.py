@@ -28,6 +28,7 @@ Converters return a Flax `params` dict from
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -305,6 +306,51 @@ def load_tf_checkpoint(path: str) -> dict[str, Any]:
   names = reader.get_variable_to_shape_map()
   return params_from_tf_variables(
       {n: reader.get_tensor(n) for n in names if n.startswith('vggish/')})
+
+
+def load_params(path: str | os.PathLike) -> dict[str, Any]:
+  """Flax VGGish params from a checkpoint file, by kind.
+
+  Args:
+    path: a torchvggish state_dict (`.pth`/`.pt`, e.g. `vggish-10086976.pth`;
+      needs torch) or a TF checkpoint (e.g. `vggish_model.ckpt`, V1 file or
+      V2 prefix).
+
+  Raises:
+    FileNotFoundError: nothing exists at `path` (named).
+    ValueError/KeyError: the file is not a readable VGGish checkpoint.
+  """
+  path = os.fspath(path)
+  if not (os.path.exists(path) or os.path.exists(path + '.index')):
+    raise FileNotFoundError(f'VGGish checkpoint {path!r} does not exist.')
+  if path.endswith(('.pth', '.pt')):
+    import torch  # pylint: disable=g-import-not-at-top
+    try:
+      state_dict = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises assorted types for bad files.
+      raise ValueError(f'Cannot read torch checkpoint {path!r}: {e}') from e
+    return params_from_torch_state_dict(state_dict)
+  return load_tf_checkpoint(path)
+
+
+def load_pca_params(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+  """Reads AudioSet's `vggish_pca_params.npz` for `postprocess`.
+
+  Returns:
+    `(pca_eigen_vectors [128, 128], pca_means [128])` float32.
+
+  Raises:
+    FileNotFoundError / KeyError naming the file or the missing array.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'VGGish PCA file {path!r} does not exist.')
+  with np.load(path) as data:
+    for key in ('pca_eigen_vectors', 'pca_means'):
+      if key not in data:
+        raise KeyError(f'{path!r} lacks array {key!r}; has {data.files}.')
+    return (data['pca_eigen_vectors'].astype(np.float32),
+            data['pca_means'].reshape(-1).astype(np.float32))
 
 
 def postprocess(embeddings: jax.Array, pca_eigen_vectors: jax.Array,
