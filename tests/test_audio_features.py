@@ -194,6 +194,12 @@ def test_load_audio_errors_name_the_file(tmp_path):
   text.write_text('this is not a video\n' * 10)
   with pytest.raises(ValueError, match='notes.mp4'):
     audio.load_audio(text)
+  good = tmp_path / 'good.mp4'
+  _write_video(good)
+  truncated = tmp_path / 'truncated.mp4'
+  truncated.write_bytes(good.read_bytes()[:2000])  # moov atom cut off.
+  with pytest.raises(ValueError, match='truncated.mp4'):
+    audio.load_audio(truncated)
   silent = tmp_path / 'silent.mp4'
   _write_video(silent, with_audio=False)
   with pytest.raises(ValueError, match='silent.mp4.*no audio stream'):
