@@ -205,7 +205,7 @@ def _plan(
         "fps": int(fps),
         "width": width,
         "height": height,
-        "n_frames": int(round(seconds * fps)),
+        "n_frames": round(float(seconds) * fps),
         "subjects": subjects,
       }
     )
@@ -267,7 +267,7 @@ def _render_video(out_dir, video, series, rng, audio_rate, crf):
   choice = rng.integers(0, len(noise), n)
   flicker = rng.normal(0, 0.02, n)
 
-  n_samples = int(round(n / fps * audio_rate))
+  n_samples = round(n / fps * audio_rate)
   audio = sum(
     _voice(
       rng, series[s.trial]["voice"], fps, n_samples, audio_rate, s.base_pitch
@@ -311,7 +311,7 @@ def _render_video(out_dir, video, series, rng, audio_rate, crf):
       frame = np.clip(frame, 0, 255).astype(np.uint8)
       img = Image.fromarray(frame)
       for trial, box in boxes:
-        crop = img.crop(tuple(int(round(b)) for b in box))
+        crop = img.crop(tuple(round(float(b)) for b in box))
         crop = crop.resize((CROP_SIZE, CROP_SIZE), Image.BILINEAR)
         crop.save(
           os.path.join(out_dir, "cropped_aligned", trial, f"{i + 1:05d}.jpg"),
@@ -408,6 +408,7 @@ def generate(
   tmp = tempfile.mkdtemp(prefix=".synthetic-", dir=parent)
   try:
     _generate_into(tmp, args)
+    os.chmod(tmp, 0o755)  # mkdtemp creates 0700
     if os.path.exists(out_dir):
       os.rmdir(out_dir)  # empty, checked above
     os.replace(tmp, out_dir)

@@ -1,0 +1,272 @@
+"""Raw Aff-Wild2 layout → per-trial feature cache (multiprocess, resumable).
+
+`preprocess` runs in two phases:
+
+1. Check (main process, cheap, before any feature is computed): find every
+   trial; for each trial still to do, probe the video (exists, readable, has
+   an audio track, frame count and rate), read and check the annotation, align
+   its rows to the frames, and check the crop folder exists. All problems are
+   reported together, each naming its file, so a bad dataset fails in
+   seconds, not hours in. Trials with no valid label are skipped with a
+   warning and recorded under `manifest["skipped"]`.
+2. Build (a `ProcessPoolExecutor` with the spawn start method, or in-process
+   when `num_workers == 1`): per trial, the face frames, labels, and the
+   MFCC/eGeMAPS/VGGish features aligned to the video frames; written to a
+   temporary directory and renamed when complete. The manifest is rewritten
+   atomically after each trial, so an interrupted run resumes where it
+   stopped: finished trial directories are skipped.
+"""
+
+import concurrent.futures
+import dataclasses
+import functools
+import multiprocessing
+import os
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from affjax.data.preprocess import audio, cache, labels, layout, video
+from affjax.data.preprocess.cache import PreprocessSettings
+
+__all__ = ["PreprocessSettings", "preprocess"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+  source: layout.TrialSource
+  n_frames: int
+  fps: float
+  labels: np.ndarray  # [n_frames, 2], -5 where invalid
+
+
+def _check_trial(
+  source: layout.TrialSource, settings: PreprocessSettings
+) -> _Job:
+  """Validates one trial's inputs (see module docstring); cheap."""
+  info = video.probe_video(source.video_path)
+  if not info.has_audio:
+    raise ValueError(
+      f"{source.video_path}: the video has no audio track (trial "
+      f"{source.name}); audio features cannot be computed"
+    )
+  if source.annotation_path is None:  # test trial
+    y = np.full((info.n_frames, 2), labels.INVALID, np.float32)
+  else:
+    rows = labels.read_annotation(source.annotation_path)
+    y = labels.align_labels(
+      rows, info.n_frames, settings.label_tolerance, source.annotation_path
+    )
+  if not os.path.isdir(source.crop_dir):
+    raise FileNotFoundError(
+      f"face-crop directory {source.crop_dir} of trial {source.name} does "
+      "not exist"
+    )
+  return _Job(source=source, n_frames=info.n_frames, fps=info.fps, labels=y)
+
+
+def _check_vggish_checkpoint(path: str) -> None:
+  if path and not (os.path.exists(path) or os.path.exists(path + ".index")):
+    raise FileNotFoundError(f"VGGish checkpoint {path} does not exist")
+
+
+def _check_all(sources, settings):
+  """Phase 1: returns (jobs, skipped); raises listing every problem."""
+  jobs, skipped, problems = [], {}, []
+  for source in sources:
+    try:
+      job = _check_trial(source, settings)
+    except (OSError, ValueError) as e:
+      problems.append(e)
+      continue
+    if source.partition != "test" and not labels.valid_mask(job.labels).any():
+      reason = f"no valid label in {source.annotation_path} (all rows -5)"
+      warnings.warn(f"skipping trial {source.name}: {reason}", stacklevel=3)
+      skipped[source.name] = {"partition": source.partition, "reason": reason}
+      continue
+    jobs.append(job)
+  if problems:
+    first = problems[0]
+    if len(problems) > 1:
+      lines = "\n".join(f"  - {p}" for p in problems)
+      message = f"{len(problems)} trials have bad inputs:\n{lines}"
+      error_type = type(first) if isinstance(first, ValueError) else OSError
+      if all(isinstance(p, FileNotFoundError) for p in problems):
+        error_type = FileNotFoundError
+      raise error_type(message) from first
+    raise first
+  return jobs, skipped
+
+
+@functools.lru_cache(maxsize=4)
+def _vggish_params(model: str, checkpoint: str) -> Any:
+  from affjax.models import vggish  # pylint: disable=g-import-not-at-top
+
+  if checkpoint:
+    if checkpoint.endswith((".pth", ".pt")):
+      import torch  # pylint: disable=g-import-not-at-top
+
+      state = torch.load(checkpoint, map_location="cpu")
+      return vggish.params_from_torch_state_dict(state)
+    return vggish.load_tf_checkpoint(checkpoint)
+  return vggish.init_params(0, tiny=True) if model == "tiny" else None
+
+
+def _build_trial(job: _Job, settings: PreprocessSettings, cache_dir: str):
+  """Phase 2 for one trial; returns its meta dict. Runs in a worker."""
+  src, n, fps, sr = job.source, job.n_frames, job.fps, settings.sample_rate
+  start = time.time()
+  try:
+    frames, face_mask = video.load_frames(
+      video.list_crops(src.crop_dir), n, settings.frame_size
+    )
+    wave = audio.load_audio(src.video_path, sr)
+    shortfall = {"max_shortfall_seconds": settings.max_audio_shortfall_seconds}
+    features = {
+      "mfcc": audio.mfcc_features(wave, sr, n, fps, **shortfall),
+      "egemaps": audio.egemaps_features(
+        wave, sr, n, fps, feature_set=settings.egemaps_feature_set, **shortfall
+      ),
+      "vggish": audio.vggish_features(
+        wave,
+        sr,
+        n,
+        fps,
+        params=_vggish_params(
+          settings.vggish_model, settings.vggish_checkpoint
+        ),
+        hop_seconds=settings.vggish_hop_seconds,
+        **shortfall,
+      ),
+    }
+  except (OSError, ValueError) as e:
+    # Name the trial and its video: feature errors only describe the audio.
+    raise type(e)(f"trial {src.name} ({src.video_path}): {e}") from e
+  except Exception as e:  # e.g. openSMILE errors; keep the trial in the text
+    raise RuntimeError(
+      f"trial {src.name} ({src.video_path}): {type(e).__name__}: {e}"
+    ) from e
+  valid = labels.valid_mask(job.labels)
+  stats_frames = valid if src.partition != "test" else np.ones(n, bool)
+  meta = {
+    "trial": src.name,
+    "video": src.video,
+    "partition": src.partition,
+    "fps": fps,
+    "n_frames": n,
+    "n_valid_labels": int(valid.sum()),
+    "n_faces": int(face_mask.sum()),
+    "feature_sums": cache.feature_sums(features, stats_frames),
+    "stats_frames": "labelled" if src.partition != "test" else "all",
+    "sources": {
+      "video": src.video_path,
+      "annotation": src.annotation_path,
+      "crops": src.crop_dir,
+    },
+  }
+  arrays = {"frames": frames, "face_mask": face_mask, "labels": job.labels}
+  arrays.update(features)
+  cache.write_trial(cache_dir, src.name, arrays, meta)
+  logging.info(
+    "preprocessed %s: %d frames in %.1fs", src.name, n, time.time() - start
+  )
+  return meta
+
+
+def _reconcile(manifest, cache_dir, wanted):
+  """Makes manifest["trials"] list exactly the finished trial directories."""
+  done = set(cache.finished_trials(cache_dir))
+  trials = {n: e for n, e in manifest["trials"].items() if n in done}
+  for name in sorted(done - set(trials)):
+    # Finished, but the run died before the manifest was rewritten.
+    meta = cache.read_json(
+      os.path.join(cache.trial_dir(cache_dir, name), cache.META)
+    )
+    trials[name] = cache.manifest_entry(meta)
+  stale = sorted(done - wanted)
+  if stale:
+    logging.warning("cache trials not in the raw dataset: %s", stale)
+  manifest["trials"] = dict(sorted(trials.items()))
+  return done
+
+
+def preprocess(
+  raw_dir: str,
+  cache_dir: str,
+  settings: PreprocessSettings | None = None,
+  num_workers: int = 1,
+  *,
+  test_list: str | None = None,
+  trials: list[str] | None = None,
+) -> dict[str, Any]:
+  """Builds (or completes) the feature cache of a raw Aff-Wild2 dataset.
+
+  Args:
+    raw_dir: raw layout (see `layout`).
+    cache_dir: output; created if needed. See `cache` for the format.
+    settings: preprocessing settings; None → defaults. Must equal those of an
+      existing cache.
+    num_workers: processes building trials (1 → in this process).
+    test_list: test trial list; None → `<raw_dir>/va_test_set.txt` if present.
+    trials: only these trials (default: all).
+
+  Returns:
+    The manifest: {"version", "settings", "raw_dir", "trials": {name: entry},
+    "skipped": {name: {"partition", "reason"}}}.
+
+  Raises:
+    FileNotFoundError, ValueError: bad inputs (every file named) or a
+      settings mismatch with the existing cache.
+  """
+  settings = settings or PreprocessSettings()
+  raw_dir = os.path.abspath(raw_dir)
+  sources = layout.find_trials(raw_dir, test_list, trials)
+  _check_vggish_checkpoint(settings.vggish_checkpoint)
+  os.makedirs(cache_dir, exist_ok=True)
+  manifest = cache.open_manifest(cache_dir, settings)
+  manifest["raw_dir"] = raw_dir
+  cache.remove_stale_temporaries(cache_dir)
+  done = _reconcile(manifest, cache_dir, {s.name for s in sources})
+  todo = [s for s in sources if s.name not in done]
+  jobs, skipped = _check_all(todo, settings)
+  for name in manifest["skipped"].copy():
+    if name in done or name in {j.source.name for j in jobs}:
+      del manifest["skipped"][name]
+  manifest["skipped"].update(skipped)
+  manifest_path = os.path.join(cache_dir, cache.MANIFEST)
+  cache.atomic_write_json(manifest_path, manifest)
+  logging.info(
+    "%d trials cached, %d to build, %d skipped",
+    len(done),
+    len(jobs),
+    len(manifest["skipped"]),
+  )
+
+  def record(meta):
+    manifest["trials"][meta["trial"]] = cache.manifest_entry(meta)
+    manifest["trials"] = dict(sorted(manifest["trials"].items()))
+    cache.atomic_write_json(manifest_path, manifest)
+
+  if num_workers <= 1 or len(jobs) <= 1:
+    for job in jobs:
+      record(_build_trial(job, settings, cache_dir))
+    return manifest
+  context = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(
+    max_workers=min(num_workers, len(jobs)), mp_context=context
+  ) as pool:
+    # Longest trials first keeps the workers busy until the end.
+    ordered = sorted(jobs, key=lambda j: -j.n_frames)
+    futures = [
+      pool.submit(_build_trial, j, settings, cache_dir) for j in ordered
+    ]
+    try:
+      for future in concurrent.futures.as_completed(futures):
+        record(future.result())
+    except BaseException:
+      pool.shutdown(wait=True, cancel_futures=True)
+      raise
+  return manifest
