@@ -161,3 +161,15 @@ def set_audio(config: ml_collections.ConfigDict,
   visual = config.model.input
   config.model.audio_features = tuple((f, AUDIO_DIMS[f]) for f in features)
   config.data.features = (visual,) + tuple(features)
+
+
+def demo_synthetic() -> ml_collections.ConfigDict:
+  """Generator settings of the demo dataset (`affjax.data.synthetic`)."""
+  return ml_collections.ConfigDict(dict(
+      num_trials=14, seed=0, min_seconds=20.0, max_seconds=40.0))
+
+
+def test_synthetic() -> ml_collections.ConfigDict:
+  """A dataset of a few seconds per trial, for tests."""
+  return ml_collections.ConfigDict(dict(
+      num_trials=5, seed=0, min_seconds=2.0, max_seconds=3.0))
