@@ -18,20 +18,24 @@ def _rel_err(a, b):
 def _torch_tcn(in_features, channels, seed=0):
   torch.manual_seed(seed)
   return lfan.randomize_(
-      lfan.TemporalConvNet(in_features, channels, kernel_size=5, dropout=0.1),
-      seed)
+    lfan.TemporalConvNet(in_features, channels, kernel_size=5, dropout=0.1),
+    seed,
+  )
 
 
 def _parity(in_features, channels, time=64):
   ref = _torch_tcn(in_features, channels)
-  x = np.random.default_rng(1).normal(size=(2, time, in_features)).astype(
-      np.float32)
+  x = (
+    np.random.default_rng(1)
+    .normal(size=(2, time, in_features))
+    .astype(np.float32)
+  )
   with torch.no_grad():
     want = ref(torch.from_numpy(x).transpose(1, 2)).transpose(1, 2).numpy()
   params = convert.tcn_params_from_reference(
-      lfan.state_dict_numpy(ref), in_features, channels)
-  got = tcn.TemporalConvNet(channels).apply({'params': params}, x,
-                                            train=False)
+    lfan.state_dict_numpy(ref), in_features, channels
+  )
+  got = tcn.TemporalConvNet(channels).apply({"params": params}, x, train=False)
   assert got.shape == (2, time, channels[-1])
   return _rel_err(got, want)
 
@@ -57,11 +61,11 @@ def test_causality_and_receptive_field():
     return model.apply(variables, inp, train=False)[0, t_out].sum()
 
   sens = np.abs(np.asarray(jax.grad(out_at)(x))[0]).sum(-1)
-  assert np.all(sens[t_out + 1:] == 0.0)  # nothing from the future
+  assert np.all(sens[t_out + 1 :] == 0.0)  # nothing from the future
   assert tcn.receptive_field(5, 4) == 121
   first = t_out - 120
   assert np.all(sens[:first] == 0.0)  # nothing beyond the receptive field
-  assert np.all(sens[first:t_out + 1] > 0.0)
+  assert np.all(sens[first : t_out + 1] > 0.0)
 
 
 def test_jacobian_is_block_lower_triangular():
@@ -79,24 +83,25 @@ def test_init_matches_reference_scheme():
   channels = (64, 64)
   x = jnp.zeros((1, 8, 96))
   params = tcn.TemporalConvNet(channels).init(
-      jax.random.key(0), x, train=False)['params']
-  conv = params['block0']['conv1']
-  v = np.asarray(conv['v'])
+    jax.random.key(0), x, train=False
+  )["params"]
+  conv = params["block0"]["conv1"]
+  v = np.asarray(conv["v"])
   # xavier-uniform, gain sqrt(2): bound sqrt(2) * sqrt(6 / (5*96 + 5*64)).
   bound = np.sqrt(2.0) * np.sqrt(6.0 / (5 * 96 + 5 * 64))
   assert v.shape == (5, 96, 64)
   assert np.abs(v).max() <= bound
   assert np.abs(v).max() > 0.95 * bound
   # weight norm starts at w == v: g = ||v|| over (kernel, in).
-  np.testing.assert_allclose(conv['g'],
-                             np.sqrt((v.astype(np.float64)**2).sum((0, 1))),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    conv["g"], np.sqrt((v.astype(np.float64) ** 2).sum((0, 1))), rtol=1e-5
+  )
   bias_bound = 1.0 / np.sqrt(5 * 96)
-  assert np.abs(np.asarray(conv['bias'])).max() <= bias_bound
-  down = np.asarray(params['block0']['downsample']['kernel'])
+  assert np.abs(np.asarray(conv["bias"])).max() <= bias_bound
+  down = np.asarray(params["block0"]["downsample"]["kernel"])
   assert down.shape == (1, 96, 64)
   assert np.abs(down).max() <= np.sqrt(2.0) * np.sqrt(6.0 / (96 + 64))
-  assert 'downsample' not in params['block1']
+  assert "downsample" not in params["block1"]
 
 
 def test_dropout_drops_whole_channels_over_time():
@@ -108,21 +113,22 @@ def test_dropout_drops_whole_channels_over_time():
 
   def capture(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
-    if context.module.name == 'Dropout_0' and context.method_name == (
-        '__call__'):
-      mods['in'], mods['out'] = args[0], out
+    if context.module.name == "Dropout_0" and context.method_name == (
+      "__call__"
+    ):
+      mods["in"], mods["out"] = args[0], out
     return out
 
   with nn.intercept_methods(capture):
-    model.apply(variables, x, train=True,
-                rngs={'dropout': jax.random.key(5)})
-  dropped = np.asarray(mods['out']) == 0.0
-  active = np.asarray(mods['in']) != 0.0
+    model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(5)})
+  dropped = np.asarray(mods["out"]) == 0.0
+  active = np.asarray(mods["in"]) != 0.0
   zero_where_active = dropped & active
   # Per (batch, channel): dropped at all frames or at none.
   per_bc = zero_where_active.sum(axis=1)
   assert set(np.unique(per_bc)) <= {0, 20}
   assert (per_bc == 20).any() and (per_bc == 0).any()
   kept = ~dropped & active
-  np.testing.assert_allclose(np.asarray(mods['out'])[kept],
-                             2.0 * np.asarray(mods['in'])[kept], rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(mods["out"])[kept], 2.0 * np.asarray(mods["in"])[kept], rtol=1e-6
+  )

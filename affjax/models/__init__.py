@@ -7,9 +7,9 @@ from affjax.models.fusion import LeaderFollowerFusion
 from affjax.models.tcn import TemporalConvNet
 
 __all__ = [
-    'AVLeaderFollower',
-    'LeaderFollowerFusion',
-    'TemporalConvNet',
-    'VisualOnly',
-    'build_model',
+  "AVLeaderFollower",
+  "LeaderFollowerFusion",
+  "TemporalConvNet",
+  "VisualOnly",
+  "build_model",
 ]

@@ -19,35 +19,50 @@ import flax.linen as nn
 import jax
 
 from affjax.models import fusion as fusion_lib
+from affjax.models import iresnet
 from affjax.models import tcn
 
 Array = jax.Array
 Batch = Mapping[str, Array]
 
 EMBEDDING_DIM = 512  # backbone output width, per frame.
-VISUAL_INPUTS = ('frames', 'embeddings')
+VISUAL_INPUTS = ("frames", "embeddings")
 
 
-def _visual_embeddings(backbone: nn.Module | None, visual_input: str,
-                       batch: Batch, train: bool) -> Array:
-  """`frames [B,T,H,W,C]` through the backbone, or `embeddings [B,T,512]`."""
+def _visual_input(visual_input: str, batch: Batch) -> Array:
+  """The checked `frames [B,T,H,W,C]` or `embeddings [B,T,512]` array."""
   if visual_input not in VISUAL_INPUTS:
-    raise ValueError(f'visual_input must be one of {VISUAL_INPUTS}, got '
-                     f'{visual_input!r}.')
+    raise ValueError(
+      f"visual_input must be one of {VISUAL_INPUTS}, got {visual_input!r}."
+    )
   if visual_input not in batch:
-    raise ValueError(f'Batch has no {visual_input!r} key (model input is '
-                     f'{visual_input!r}); found keys {sorted(batch)}.')
+    raise ValueError(
+      f"Batch has no {visual_input!r} key (model input is "
+      f"{visual_input!r}); found keys {sorted(batch)}."
+    )
   x = batch[visual_input]
-  if visual_input == 'embeddings':
-    if x.ndim != 3 or x.shape[-1] != EMBEDDING_DIM:
-      raise ValueError(f'embeddings must be [batch, time, {EMBEDDING_DIM}], '
-                       f'got {x.shape}.')
+  if visual_input == "embeddings" and (
+    x.ndim != 3 or x.shape[-1] != EMBEDDING_DIM
+  ):
+    raise ValueError(
+      f"embeddings must be [batch, time, {EMBEDDING_DIM}], got {x.shape}."
+    )
+  if visual_input == "frames" and x.ndim != 5:
+    raise ValueError(
+      f"frames must be [batch, time, height, width, channels], got {x.shape}."
+    )
+  return x
+
+
+def _embed(backbone: nn.Module | None, x: Array, train: bool) -> Array:
+  """Backbone per frame (batch and time merged): `[B,T,H,W,C] -> [B,T,512]`.
+
+  `x` is returned unchanged when it already holds embeddings `[B,T,512]`.
+  """
+  if x.ndim == 3:
     return x
   if backbone is None:
     raise ValueError("visual_input='frames' needs a backbone module.")
-  if x.ndim != 5:
-    raise ValueError(f'frames must be [batch, time, height, width, channels],'
-                     f' got {x.shape}.')
   b, t = x.shape[:2]
   emb = backbone(x.reshape(b * t, *x.shape[2:]), train=train)
   return emb.reshape(b, t, emb.shape[-1])
@@ -69,9 +84,10 @@ class AVLeaderFollower(nn.Module):
     num_outputs: 1 (one emotion) or 2 (valence, arousal).
     follower_qv_from_keys: reproduce the reference's follower Q/V quirk.
   """
+
   backbone: nn.Module | None = None
-  visual_input: str = 'frames'
-  audio_features: Sequence[tuple[str, int]] = (('vggish', 128), ('mfcc', 39))
+  visual_input: str = "frames"
+  audio_features: Sequence[tuple[str, int]] = (("vggish", 128), ("mfcc", 39))
   visual_channels: Sequence[int] = (128, 128, 128, 128)
   audio_channels: Sequence[int] = (32, 32, 32, 32)
   kernel_size: int = 5
@@ -93,27 +109,41 @@ class AVLeaderFollower(nn.Module):
       `[batch, time, num_outputs]`.
     """
     if not self.audio_features:
-      raise ValueError('AVLeaderFollower needs at least one audio feature.')
-    visual = _visual_embeddings(self.backbone, self.visual_input, batch,
-                                train)
-    streams = [tcn.TemporalConvNet(self.visual_channels, self.kernel_size,
-                                   self.dropout, name='visual_tcn')(
-                                       visual, train=train)]
+      raise ValueError("AVLeaderFollower needs at least one audio feature.")
+    x = _visual_input(self.visual_input, batch)
+    # Check every audio input before running anything heavy.
     for name, dim in self.audio_features:
       if name not in batch:
-        raise ValueError(f'Batch has no audio feature {name!r}; found keys '
-                         f'{sorted(batch)}.')
-      x = batch[name]
-      if x.shape != (*visual.shape[:2], dim):
-        raise ValueError(f'{name} must be [batch, time, {dim}] = '
-                         f'{[*visual.shape[:2], dim]}, got {list(x.shape)}.')
-      streams.append(tcn.TemporalConvNet(
-          self.audio_channels, self.kernel_size, self.dropout,
-          name=f'{name}_tcn')(x, train=train))
+        raise ValueError(
+          f"Batch has no audio feature {name!r}; found keys {sorted(batch)}."
+        )
+      if batch[name].shape != (*x.shape[:2], dim):
+        raise ValueError(
+          f"{name} must be [batch, time, {dim}] = "
+          f"{[*x.shape[:2], dim]}, got "
+          f"{list(batch[name].shape)}."
+        )
+    visual = _embed(self.backbone, x, train)
+    streams = [
+      tcn.TemporalConvNet(
+        self.visual_channels, self.kernel_size, self.dropout, name="visual_tcn"
+      )(visual, train=train)
+    ]
+    for name, _ in self.audio_features:
+      streams.append(
+        tcn.TemporalConvNet(
+          self.audio_channels,
+          self.kernel_size,
+          self.dropout,
+          name=f"{name}_tcn",
+        )(batch[name], train=train)
+      )
     return fusion_lib.LeaderFollowerFusion(
-        num_outputs=self.num_outputs, fusion_dim=self.fusion_dim,
-        follower_qv_from_keys=self.follower_qv_from_keys,
-        name='fusion')(streams)
+      num_outputs=self.num_outputs,
+      fusion_dim=self.fusion_dim,
+      follower_qv_from_keys=self.follower_qv_from_keys,
+      name="fusion",
+    )(streams)
 
 
 class VisualOnly(nn.Module):
@@ -121,8 +151,9 @@ class VisualOnly(nn.Module):
 
   Attributes: as `AVLeaderFollower`, without the audio and fusion fields.
   """
+
   backbone: nn.Module | None = None
-  visual_input: str = 'frames'
+  visual_input: str = "frames"
   visual_channels: Sequence[int] = (128, 128, 128, 128)
   kernel_size: int = 5
   dropout: float = 0.1
@@ -131,19 +162,28 @@ class VisualOnly(nn.Module):
   @nn.compact
   def __call__(self, batch: Batch, *, train: bool) -> Array:
     """`frames`/`embeddings` of `batch` -> `[batch, time, num_outputs]`."""
-    visual = _visual_embeddings(self.backbone, self.visual_input, batch,
-                                train)
-    h = tcn.TemporalConvNet(self.visual_channels, self.kernel_size,
-                            self.dropout, name='visual_tcn')(visual,
-                                                             train=train)
-    return fusion_lib.torch_dense(self.num_outputs, h.shape[-1],
-                                  'regressor')(h)
+    visual = _embed(
+      self.backbone, _visual_input(self.visual_input, batch), train
+    )
+    h = tcn.TemporalConvNet(
+      self.visual_channels, self.kernel_size, self.dropout, name="visual_tcn"
+    )(visual, train=train)
+    return fusion_lib.torch_dense(self.num_outputs, h.shape[-1], "regressor")(h)
 
 
 def build_backbone(backbone_config: Any) -> nn.Module:
-  """The frame backbone named by `config.model.backbone.name`."""
-  from affjax.models import iresnet  # pylint: disable=g-import-not-at-top
-  return iresnet.build_backbone(backbone_config)
+  """The frame backbone of `config.model.backbone` (`name`, `dropout`).
+
+  Raises:
+    ValueError: unknown backbone name.
+  """
+  name = backbone_config.name
+  if name not in iresnet.BACKBONES:
+    raise ValueError(
+      f"config.model.backbone.name must be one of "
+      f"{sorted(iresnet.BACKBONES)}, got {name!r}."
+    )
+  return iresnet.BACKBONES[name](dropout_rate=float(backbone_config.dropout))
 
 
 def build_model(model_config: Any) -> nn.Module:
@@ -159,26 +199,36 @@ def build_model(model_config: Any) -> nn.Module:
   """
   visual_input = model_config.input
   if visual_input not in VISUAL_INPUTS:
-    raise ValueError(f'config.model.input must be one of {VISUAL_INPUTS}, '
-                     f'got {visual_input!r}.')
-  backbone = (build_backbone(model_config.backbone)
-              if visual_input == 'frames' else None)
+    raise ValueError(
+      f"config.model.input must be one of {VISUAL_INPUTS}, "
+      f"got {visual_input!r}."
+    )
+  backbone = (
+    build_backbone(model_config.backbone) if visual_input == "frames" else None
+  )
   common = dict(
-      backbone=backbone, visual_input=visual_input,
-      visual_channels=tuple(model_config.visual_channels),
-      kernel_size=int(model_config.kernel_size),
-      dropout=float(model_config.dropout),
-      num_outputs=int(model_config.num_outputs))
-  if model_config.name == 'visual_only':
+    backbone=backbone,
+    visual_input=visual_input,
+    visual_channels=tuple(model_config.visual_channels),
+    kernel_size=int(model_config.kernel_size),
+    dropout=float(model_config.dropout),
+    num_outputs=int(model_config.num_outputs),
+  )
+  if model_config.name == "visual_only":
     return VisualOnly(**common)
-  if model_config.name == 'av_leader_follower':
+  if model_config.name == "av_leader_follower":
     return AVLeaderFollower(
-        audio_features=tuple((str(n), int(d))
-                             for n, d in model_config.audio_features),
-        audio_channels=tuple(model_config.audio_channels),
-        fusion_dim=int(model_config.fusion_dim),
-        follower_qv_from_keys=bool(
-            model_config.get('follower_qv_from_keys', True)),
-        **common)
-  raise ValueError("config.model.name must be 'av_leader_follower' or "
-                   f"'visual_only', got {model_config.name!r}.")
+      audio_features=tuple(
+        (str(n), int(d)) for n, d in model_config.audio_features
+      ),
+      audio_channels=tuple(model_config.audio_channels),
+      fusion_dim=int(model_config.fusion_dim),
+      follower_qv_from_keys=bool(
+        model_config.get("follower_qv_from_keys", True)
+      ),
+      **common,
+    )
+  raise ValueError(
+    "config.model.name must be 'av_leader_follower' or "
+    f"'visual_only', got {model_config.name!r}."
+  )

@@ -27,14 +27,18 @@ Streams = Sequence[Array] | Mapping[str, Array]
 
 # PyTorch nn.Linear default weight init, U(+-1/sqrt(fan_in)).
 torch_linear_kernel_init = nn.initializers.variance_scaling(
-    1.0 / 3.0, 'fan_in', 'uniform')
+  1.0 / 3.0, "fan_in", "uniform"
+)
 
 
 def torch_dense(features: int, in_features: int, name: str) -> nn.Dense:
   """A Dense layer initialised like PyTorch's nn.Linear."""
-  return nn.Dense(features, kernel_init=torch_linear_kernel_init,
-                  bias_init=tcn.torch_default_bias_init(in_features),
-                  name=name)
+  return nn.Dense(
+    features,
+    kernel_init=torch_linear_kernel_init,
+    bias_init=tcn.torch_default_bias_init(in_features),
+    name=name,
+  )
 
 
 class LeaderFollowerFusion(nn.Module):
@@ -49,6 +53,7 @@ class LeaderFollowerFusion(nn.Module):
     follower_qv_from_keys: reproduce the reference (see module docstring).
     layer_norm_epsilon: PyTorch nn.LayerNorm default.
   """
+
   num_outputs: int = 2
   fusion_dim: int = 32
   stream_names: Sequence[str] | None = None
@@ -58,12 +63,17 @@ class LeaderFollowerFusion(nn.Module):
   def _ordered(self, streams: Streams) -> list[Array]:
     if isinstance(streams, Mapping):
       if self.stream_names is None:
-        raise ValueError('LeaderFollowerFusion got a mapping of streams '
-                         f'{sorted(streams)} but no stream_names to order them.')
+        raise ValueError(
+          "LeaderFollowerFusion got a mapping of streams "
+          f"{sorted(streams)} but no stream_names to order "
+          "them."
+        )
       missing = [n for n in self.stream_names if n not in streams]
       if missing:
-        raise ValueError(f'Missing fusion streams {missing}; expected '
-                         f'{list(self.stream_names)}, found {sorted(streams)}.')
+        raise ValueError(
+          f"Missing fusion streams {missing}; expected "
+          f"{list(self.stream_names)}, found {sorted(streams)}."
+        )
       return [streams[n] for n in self.stream_names]
     return list(streams)
 
@@ -79,36 +89,41 @@ class LeaderFollowerFusion(nn.Module):
     """
     feats = self._ordered(streams)
     if len(feats) < 2:
-      raise ValueError(f'Fusion needs a leader and >= 1 follower, got '
-                       f'{len(feats)} stream(s).')
+      raise ValueError(
+        f"Fusion needs a leader and >= 1 follower, got {len(feats)} stream(s)."
+      )
     lead_shape = feats[0].shape[:-1]
     for i, f in enumerate(feats):
       if f.ndim != 3 or f.shape[:-1] != lead_shape:
-        raise ValueError(f'Stream {i} has shape {f.shape}; expected '
-                         f'[batch, time, features] with [batch, time] = '
-                         f'{list(lead_shape)}.')
+        raise ValueError(
+          f"Stream {i} has shape {f.shape}; expected "
+          f"[batch, time, features] with [batch, time] = "
+          f"{list(lead_shape)}."
+        )
     keys, queries, values = [], [], []
     for i, f in enumerate(feats):
       width = f.shape[-1]
-      k = torch_dense(self.fusion_dim, width, f'key_{i}')(f)
+      k = torch_dense(self.fusion_dim, width, f"key_{i}")(f)
       src, src_width = f, width
       if i > 0 and self.follower_qv_from_keys:
         src, src_width = k, self.fusion_dim
       keys.append(k)
-      queries.append(torch_dense(self.fusion_dim, src_width, f'query_{i}')(src))
-      values.append(torch_dense(self.fusion_dim, src_width, f'value_{i}')(src))
+      queries.append(torch_dense(self.fusion_dim, src_width, f"query_{i}")(src))
+      values.append(torch_dense(self.fusion_dim, src_width, f"value_{i}")(src))
     k = jnp.stack(keys, axis=-2)  # [B, T, n_streams, d]
     q = jnp.stack(queries, axis=-2)
     v = jnp.stack(values, axis=-2)
-    scores = jnp.einsum('btid,btjd->btij', k, q) / math.sqrt(self.fusion_dim)
-    attended = jnp.einsum('btij,btjd->btid', jax.nn.softmax(scores, axis=-1),
-                          v)
+    scores = jnp.einsum("btid,btjd->btij", k, q) / math.sqrt(self.fusion_dim)
+    attended = jnp.einsum("btij,btjd->btid", jax.nn.softmax(scores, axis=-1), v)
     # One LayerNorm over the whole [n_streams, d] slab with a per-element
     # affine, as nn.LayerNorm([3, 32]) in the reference.
-    normed = nn.LayerNorm(epsilon=self.layer_norm_epsilon,
-                          reduction_axes=(-2, -1), feature_axes=(-2, -1),
-                          use_fast_variance=False, name='layer_norm')(
-                              attended + v)
+    normed = nn.LayerNorm(
+      epsilon=self.layer_norm_epsilon,
+      reduction_axes=(-2, -1),
+      feature_axes=(-2, -1),
+      use_fast_variance=False,
+      name="layer_norm",
+    )(attended + v)
     fused = normed.reshape(*normed.shape[:-2], -1)
     joint = jnp.concatenate([feats[0], fused], axis=-1)
-    return torch_dense(self.num_outputs, joint.shape[-1], 'regressor')(joint)
+    return torch_dense(self.num_outputs, joint.shape[-1], "regressor")(joint)

@@ -26,7 +26,8 @@ Initializer = nn.initializers.Initializer
 # variance_scaling(gain**2, fan_avg, uniform) with the kernel axis as the
 # receptive field is exactly that bound: sqrt(2) * sqrt(6 / (fan_in + fan_out)).
 xavier_uniform_gain_sqrt2 = nn.initializers.variance_scaling(
-    2.0, 'fan_avg', 'uniform', in_axis=-2, out_axis=-1)
+  2.0, "fan_avg", "uniform", in_axis=-2, out_axis=-1
+)
 
 LEAKY_SLOPE = 0.01  # PyTorch nn.LeakyReLU default, used by the reference.
 
@@ -54,8 +55,13 @@ def causal_conv(x: Array, kernel: Array, dilation: int) -> Array:
   """
   pad = (kernel.shape[0] - 1) * dilation
   return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=(1,), padding=[(pad, 0)],
-      rhs_dilation=(dilation,), dimension_numbers=('NWC', 'WIO', 'NWC'))
+    x,
+    kernel,
+    window_strides=(1,),
+    padding=[(pad, 0)],
+    rhs_dilation=(dilation,),
+    dimension_numbers=("NWC", "WIO", "NWC"),
+  )
 
 
 class WeightNormCausalConv(nn.Module):
@@ -66,6 +72,7 @@ class WeightNormCausalConv(nn.Module):
     kernel_size: taps along time.
     dilation: spacing between taps, in frames.
   """
+
   features: int
   kernel_size: int
   dilation: int = 1
@@ -74,12 +81,17 @@ class WeightNormCausalConv(nn.Module):
   def __call__(self, x: Array) -> Array:
     """`[B, T, Cin] -> [B, T, features]`."""
     in_features = x.shape[-1]
-    v = self.param('v', xavier_uniform_gain_sqrt2,
-                   (self.kernel_size, in_features, self.features))
-    g = self.param('g', _weight_norm_init, v)
-    bias = self.param('bias',
-                      torch_default_bias_init(in_features * self.kernel_size),
-                      (self.features,))
+    v = self.param(
+      "v",
+      xavier_uniform_gain_sqrt2,
+      (self.kernel_size, in_features, self.features),
+    )
+    g = self.param("g", _weight_norm_init, v)
+    bias = self.param(
+      "bias",
+      torch_default_bias_init(in_features * self.kernel_size),
+      (self.features,),
+    )
     norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 1)))
     kernel = v * (g / norm)
     return causal_conv(x, kernel.astype(x.dtype), self.dilation) + bias
@@ -94,6 +106,7 @@ class TemporalBlock(nn.Module):
     dilation: 2**level in the reference.
     dropout: channel-dropout rate after each conv.
   """
+
   features: int
   kernel_size: int
   dilation: int
@@ -106,17 +119,23 @@ class TemporalBlock(nn.Module):
     # of a sequence are dropped together, i.e. one mask per (batch, channel)
     # broadcast over time.
     h = x
-    for name in ('conv1', 'conv2'):
-      h = WeightNormCausalConv(self.features, self.kernel_size, self.dilation,
-                               name=name)(h)
+    for name in ("conv1", "conv2"):
+      h = WeightNormCausalConv(
+        self.features, self.kernel_size, self.dilation, name=name
+      )(h)
       h = nn.leaky_relu(h, LEAKY_SLOPE)
       h = nn.Dropout(self.dropout, broadcast_dims=(1,))(
-          h, deterministic=not train)
+        h, deterministic=not train
+      )
     if x.shape[-1] != self.features:
       in_features = x.shape[-1]
-      x = nn.Conv(self.features, (1,), kernel_init=xavier_uniform_gain_sqrt2,
-                  bias_init=torch_default_bias_init(in_features),
-                  name='downsample')(x)
+      x = nn.Conv(
+        self.features,
+        (1,),
+        kernel_init=xavier_uniform_gain_sqrt2,
+        bias_init=torch_default_bias_init(in_features),
+        name="downsample",
+      )(x)
     return nn.leaky_relu(h + x, LEAKY_SLOPE)
 
 
@@ -132,6 +151,7 @@ class TemporalConvNet(nn.Module):
     kernel_size: taps per convolution.
     dropout: channel-dropout rate inside every block.
   """
+
   channels: Sequence[int]
   kernel_size: int = 5
   dropout: float = 0.1
@@ -148,8 +168,9 @@ class TemporalConvNet(nn.Module):
       `[batch, time, channels[-1]]`.
     """
     for level, features in enumerate(self.channels):
-      x = TemporalBlock(features, self.kernel_size, 2**level, self.dropout,
-                        name=f'block{level}')(x, train=train)
+      x = TemporalBlock(
+        features, self.kernel_size, 2**level, self.dropout, name=f"block{level}"
+      )(x, train=train)
     return x
 
 

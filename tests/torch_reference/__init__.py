@@ -1,1 +1,1 @@
-"""PyTorch transcriptions of the reference modules, used only by parity tests."""
+"""PyTorch transcriptions of the reference modules, for parity tests only."""
