@@ -41,8 +41,9 @@ def _best_metric(metrics: Mapping[str, float]) -> float:
   return metrics[BEST_METRIC]
 
 
-def create_manager(workdir: str, *,
-                   read_only: bool = False) -> ocp.CheckpointManager:
+def create_manager(
+  workdir: str, *, read_only: bool = False
+) -> ocp.CheckpointManager:
   """Opens (or creates) `<workdir>/checkpoints`.
 
   Args:
@@ -54,18 +55,24 @@ def create_manager(workdir: str, *,
   """
   path = directory(workdir)
   if read_only and not os.path.isdir(path):
-    raise FileNotFoundError(f"no checkpoint directory {path}; train first "
-                            f"with --workdir={workdir}")
-  policy = checkpoint_managers.AnyPreservationPolicy([
+    raise FileNotFoundError(
+      f"no checkpoint directory {path}; train first with --workdir={workdir}"
+    )
+  policy = checkpoint_managers.AnyPreservationPolicy(
+    [
       checkpoint_managers.LatestN(n=1),
       # BestN keeps the *last* n after sorting ascending (reverse=False), i.e.
       # the highest CCC.
-      checkpoint_managers.BestN(get_metric_fn=_best_metric, reverse=False,
-                                n=1),
-  ])
+      checkpoint_managers.BestN(get_metric_fn=_best_metric, reverse=False, n=1),
+    ]
+  )
   options = ocp.CheckpointManagerOptions(
-      best_fn=_best_metric, best_mode="max", preservation_policy=policy,
-      read_only=read_only, create=not read_only)
+    best_fn=_best_metric,
+    best_mode="max",
+    preservation_policy=policy,
+    read_only=read_only,
+    create=not read_only,
+  )
   return ocp.CheckpointManager(path, options=options)
 
 
@@ -74,9 +81,14 @@ def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json())
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: PyTree,
-         config: ml_collections.ConfigDict, metadata: Mapping[str, Any],
-         ccc_mean: float) -> None:
+def save(
+  manager: ocp.CheckpointManager,
+  step: int,
+  state: PyTree,
+  config: ml_collections.ConfigDict,
+  metadata: Mapping[str, Any],
+  ccc_mean: float,
+) -> None:
   """Saves asynchronously; call `manager.wait_until_finished()` before exit.
 
   Args:
@@ -88,12 +100,14 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree,
     ccc_mean: the epoch's mean validation CCC, ranks checkpoints for "best".
   """
   manager.save(
-      step,
-      args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          config=ocp.args.JsonSave(config_to_json(config)),
-          metadata=ocp.args.JsonSave(_jsonable(metadata))),
-      metrics={BEST_METRIC: float(ccc_mean)})
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      config=ocp.args.JsonSave(config_to_json(config)),
+      metadata=ocp.args.JsonSave(_jsonable(metadata)),
+    ),
+    metrics={BEST_METRIC: float(ccc_mean)},
+  )
 
 
 def _jsonable(tree: Any) -> Any:
@@ -104,8 +118,10 @@ def _jsonable(tree: Any) -> Any:
 def _to_list(x: Any) -> Any:
   if hasattr(x, "tolist"):
     return x.tolist()
-  raise TypeError(f"checkpoint metadata value of type {type(x).__name__} is "
-                  "not JSON-serialisable")
+  raise TypeError(
+    f"checkpoint metadata value of type {type(x).__name__} is "
+    "not JSON-serialisable"
+  )
 
 
 @dataclasses.dataclass
@@ -115,8 +131,11 @@ class Restored:
   metadata: dict[str, Any]
 
 
-def restore(manager: ocp.CheckpointManager, step: int,
-            abstract_state: PyTree | None = None) -> Restored:
+def restore(
+  manager: ocp.CheckpointManager,
+  step: int,
+  abstract_state: PyTree | None = None,
+) -> Restored:
   """Restores checkpoint `step`.
 
   Args:
@@ -130,16 +149,18 @@ def restore(manager: ocp.CheckpointManager, step: int,
   """
   if step not in manager.all_steps():
     raise FileNotFoundError(
-        f"checkpoint step {step} not in {manager.directory}; available: "
-        f"{sorted(manager.all_steps())}")
-  items = dict(config=ocp.args.JsonRestore(),
-               metadata=ocp.args.JsonRestore())
+      f"checkpoint step {step} not in {manager.directory}; available: "
+      f"{sorted(manager.all_steps())}"
+    )
+  items = {"config": ocp.args.JsonRestore(), "metadata": ocp.args.JsonRestore()}
   if abstract_state is not None:
     items["state"] = ocp.args.StandardRestore(abstract_state)
   out = manager.restore(step, args=ocp.args.Composite(**items))
-  return Restored(state=out.get("state") if abstract_state is not None
-                  else None,
-                  config=out["config"], metadata=out["metadata"])
+  return Restored(
+    state=out.get("state") if abstract_state is not None else None,
+    config=out["config"],
+    metadata=out["metadata"],
+  )
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -154,9 +175,11 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return flat
 
 
-def config_differences(saved: Mapping[str, Any],
-                       current: ml_collections.ConfigDict,
-                       ignore: Sequence[str] = ()) -> list[str]:
+def config_differences(
+  saved: Mapping[str, Any],
+  current: ml_collections.ConfigDict,
+  ignore: Sequence[str] = (),
+) -> list[str]:
   """Dotted keys whose values differ between a saved and the current config.
 
   Keys equal to or under an `ignore` entry (e.g. 'data.cache_dir' or 'eval')
@@ -164,16 +187,23 @@ def config_differences(saved: Mapping[str, Any],
   computed.
   """
   a, b = flatten(saved), flatten(config_to_json(current))
+
   def ignored(key):
     return any(key == p or key.startswith(p + ".") for p in ignore)
-  return sorted(k for k in set(a) | set(b)
-                if not ignored(k) and a.get(k, "<missing>") != b.get(
-                    k, "<missing>"))
+
+  return sorted(
+    k
+    for k in set(a) | set(b)
+    if not ignored(k) and a.get(k, "<missing>") != b.get(k, "<missing>")
+  )
 
 
-def check_config(saved: Mapping[str, Any],
-                 current: ml_collections.ConfigDict, where: str,
-                 ignore: Sequence[str] = ()) -> None:
+def check_config(
+  saved: Mapping[str, Any],
+  current: ml_collections.ConfigDict,
+  where: str,
+  ignore: Sequence[str] = (),
+) -> None:
   """Raises ValueError naming every key that differs (see config_differences).
 
   Args:
@@ -185,9 +215,12 @@ def check_config(saved: Mapping[str, Any],
   diffs = config_differences(saved, current, ignore)
   if diffs:
     a, b = flatten(saved), flatten(config_to_json(current))
-    lines = "; ".join(f"{k}: saved {a.get(k, '<missing>')!r}, current "
-                      f"{b.get(k, '<missing>')!r}" for k in diffs)
+    lines = "; ".join(
+      f"{k}: saved {a.get(k, '<missing>')!r}, current {b.get(k, '<missing>')!r}"
+      for k in diffs
+    )
     raise ValueError(
-        f"the checkpoint in {where} was written with a different config "
-        f"({len(diffs)} keys differ): {lines}. Use the same config (and "
-        "overrides) or a new --workdir.")
+      f"the checkpoint in {where} was written with a different config "
+      f"({len(diffs)} keys differ): {lines}. Use the same config (and "
+      "overrides) or a new --workdir."
+    )

@@ -15,9 +15,7 @@ slices, SLURM) or the explicit coordinator flags.
 import os
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -25,32 +23,51 @@ FLAGS = flags.FLAGS
 MODES = ("train", "evaluate", "merge", "predict")
 
 config_flags.DEFINE_config_file(
-    "config", None, "Experiment config: configs/<name>.py[:<variant>].",
-    lock_config=True)
-flags.DEFINE_string("workdir", None,
-                    "Run directory: checkpoints, summaries, data, results.")
+  "config",
+  None,
+  "Experiment config: configs/<name>.py[:<variant>].",
+  lock_config=True,
+)
+flags.DEFINE_string(
+  "workdir", None, "Run directory: checkpoints, summaries, data, results."
+)
 flags.DEFINE_enum("mode", "train", MODES, "What to do.")
-flags.DEFINE_string("split", None,
-                    "evaluate: split to score (default config.eval.split).")
-flags.DEFINE_string("out", None,
-                    "evaluate/predict: output directory (default under "
-                    "--workdir); merge: submission directory (required).")
-flags.DEFINE_list("fold_dirs", [],
-                  "merge: prediction directories of the folds (the "
-                  "`predictions/` folders written by --mode=evaluate, or "
-                  "their parents).")
-flags.DEFINE_list("emotions", ["valence", "arousal"],
-                  "merge: emotions to merge, in submission column order.")
+flags.DEFINE_string(
+  "split", None, "evaluate: split to score (default config.eval.split)."
+)
+flags.DEFINE_string(
+  "out",
+  None,
+  "evaluate/predict: output directory (default under "
+  "--workdir); merge: submission directory (required).",
+)
+flags.DEFINE_list(
+  "fold_dirs",
+  [],
+  "merge: prediction directories of the folds (the "
+  "`predictions/` folders written by --mode=evaluate, or "
+  "their parents).",
+)
+flags.DEFINE_list(
+  "emotions",
+  ["valence", "arousal"],
+  "merge: emotions to merge, in submission column order.",
+)
 flags.DEFINE_string("video", None, "predict: the video file.")
-flags.DEFINE_bool("distributed", False,
-                  "Join a multi-process run detected by JAX (Cloud TPU pod "
-                  "slice, SLURM) via jax.distributed.initialize().")
-flags.DEFINE_string("coordinator_address", None,
-                    "Multi-process: host:port of process 0.")
+flags.DEFINE_bool(
+  "distributed",
+  False,
+  "Join a multi-process run detected by JAX (Cloud TPU pod "
+  "slice, SLURM) via jax.distributed.initialize().",
+)
+flags.DEFINE_string(
+  "coordinator_address", None, "Multi-process: host:port of process 0."
+)
 flags.DEFINE_integer("num_processes", None, "Multi-process: process count.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process.")
-flags.DEFINE_list("local_device_ids", None,
-                  "Multi-process: devices this process uses.")
+flags.DEFINE_list(
+  "local_device_ids", None, "Multi-process: devices this process uses."
+)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -63,11 +80,16 @@ def parse_flags(argv: list[str]) -> list[str]:
     return FLAGS(argv)
   except (AttributeError, KeyError) as e:
     key = str(e).strip("\"'")
-    bad = [a for a in argv if a.startswith("--config.")
-           and key in a.split("=", 1)[0].split(".")]
-    sys.exit(f"FATAL Flags parsing error: {', '.join(bad) or argv}: the "
-             f"config has no field {key!r} (overrides must name existing "
-             "keys; see configs/common.py)")
+    bad = [
+      a
+      for a in argv
+      if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")
+    ]
+    sys.exit(
+      f"FATAL Flags parsing error: {', '.join(bad) or argv}: the "
+      f"config has no field {key!r} (overrides must name existing "
+      "keys; see configs/common.py)"
+    )
 
 
 def _require(name: str) -> None:
@@ -77,14 +99,22 @@ def _require(name: str) -> None:
 
 def _merge() -> None:
   from affjax import merge  # pylint: disable=g-import-not-at-top
+
   _require("fold_dirs")
   _require("out")
-  dirs = [os.path.join(d, "predictions")
-          if os.path.isdir(os.path.join(d, "predictions")) else d
-          for d in FLAGS.fold_dirs]
+  dirs = [
+    os.path.join(d, "predictions")
+    if os.path.isdir(os.path.join(d, "predictions"))
+    else d
+    for d in FLAGS.fold_dirs
+  ]
   merged = merge.merge_folds(dirs, FLAGS.out, tuple(FLAGS.emotions))
-  logging.info("Merged %d folds into %d submission files in %s.", len(dirs),
-               len(merged), FLAGS.out)
+  logging.info(
+    "Merged %d folds into %d submission files in %s.",
+    len(dirs),
+    len(merged),
+    FLAGS.out,
+  )
 
 
 def _predict() -> None:
@@ -94,10 +124,12 @@ def _predict() -> None:
     from affjax import predict  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise NotImplementedError(
-        "--mode=predict is not available in this version (affjax.predict is "
-        "missing; see issue 5)") from e
-  predict.run(FLAGS.workdir, FLAGS.video, out_dir=FLAGS.out,
-              config=FLAGS.config)
+      "--mode=predict is not available in this version (affjax.predict is "
+      "missing; see issue 5)"
+    ) from e
+  predict.run(
+    FLAGS.workdir, FLAGS.video, out_dir=FLAGS.out, config=FLAGS.config
+  )
 
 
 def main(argv) -> None:
@@ -105,16 +137,27 @@ def main(argv) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # TensorFlow only feeds data: keep it off the accelerators JAX uses.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   tf.config.set_visible_devices([], "GPU")
   from affjax import distributed  # pylint: disable=g-import-not-at-top
+
   distributed.maybe_initialize(
-      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-      FLAGS.local_device_ids, distributed=FLAGS.distributed)
+    FLAGS.coordinator_address,
+    FLAGS.num_processes,
+    FLAGS.process_id,
+    FLAGS.local_device_ids,
+    distributed=FLAGS.distributed,
+  )
   import jax  # pylint: disable=g-import-not-at-top
-  logging.info("JAX process %d / %d, %d local / %d global devices (%s).",
-               jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
+
+  logging.info(
+    "JAX process %d / %d, %d local / %d global devices (%s).",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].platform,
+  )
 
   if FLAGS.mode == "merge":
     _merge()
@@ -126,14 +169,19 @@ def main(argv) -> None:
   if FLAGS.config is None:
     raise app.UsageError(f"--mode={FLAGS.mode} needs --config")
   from affjax import train  # pylint: disable=g-import-not-at-top
+
   if FLAGS.mode == "train":
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     logging.info("Training done: %s", summary)
   else:
-    results = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir,
-                                        split=FLAGS.split, out_dir=FLAGS.out)
-    logging.info("Evaluation: ccc_mean %.4f, %s", results["ccc_mean"],
-                 {e: v for e, v in results["overall"].items()})
+    results = train.evaluate_checkpoint(
+      FLAGS.config, FLAGS.workdir, split=FLAGS.split, out_dir=FLAGS.out
+    )
+    logging.info(
+      "Evaluation: ccc_mean %.4f, %s",
+      results["ccc_mean"],
+      {e: v for e, v in results["overall"].items()},
+    )
 
 
 if __name__ == "__main__":

@@ -70,8 +70,9 @@ def path_name(path: tuple[Any, ...]) -> str:
   return "/".join(parts)
 
 
-def release_groups(optim_config: ml_collections.ConfigDict,
-                   backbone_name: str) -> list[list[str]]:
+def release_groups(
+  optim_config: ml_collections.ConfigDict, backbone_name: str
+) -> list[list[str]]:
   """Release groups (lists of regexes) for a config, in release order.
 
   `optim_config.release_groups` names an entry of the backbone's
@@ -88,18 +89,23 @@ def release_groups(optim_config: ml_collections.ConfigDict,
   if name == "auto":
     name = backbone_name
   from affjax.models import iresnet  # pylint: disable=g-import-not-at-top
+
   if name not in iresnet.RELEASE_GROUPS:
     raise ValueError(
-        f"config.optim.release_groups={optim_config.release_groups!r} "
-        f"(resolved to {name!r}) is not one of "
-        f"{sorted(iresnet.RELEASE_GROUPS)}")
+      f"config.optim.release_groups={optim_config.release_groups!r} "
+      f"(resolved to {name!r}) is not one of "
+      f"{sorted(iresnet.RELEASE_GROUPS)}"
+    )
   prefix = optim_config.release_prefix
-  return [[prefix + regex for regex in group]
-          for group in iresnet.RELEASE_GROUPS[name]]
+  return [
+    [prefix + regex for regex in group]
+    for group in iresnet.RELEASE_GROUPS[name]
+  ]
 
 
-def param_labels(params: PyTree, frozen: str,
-                 groups: Sequence[Sequence[str]]) -> PyTree:
+def param_labels(
+  params: PyTree, frozen: str, groups: Sequence[Sequence[str]]
+) -> PyTree:
   """Labels every parameter with its group.
 
   Args:
@@ -136,9 +142,10 @@ def param_labels(params: PyTree, frozen: str,
   for i, was_used in enumerate(used):
     if not was_used:
       raise ValueError(
-          f"release group {i} {list(groups[i])} matches no parameter frozen "
-          f"by config.optim.frozen={frozen!r}; example parameter names: "
-          f"{_example_names(params)}")
+        f"release group {i} {list(groups[i])} matches no parameter frozen "
+        f"by config.optim.frozen={frozen!r}; example parameter names: "
+        f"{_example_names(params)}"
+      )
   return labels
 
 
@@ -147,14 +154,15 @@ def _example_names(params: PyTree, limit: int = 6) -> list[str]:
   return [path_name(p) for p, _ in leaves[:limit]]
 
 
-def _adam_l2(learning_rate: float, weight_decay: float, b1: float, b2: float,
-             eps: float) -> optax.GradientTransformation:
+def _adam_l2(
+  learning_rate: float, weight_decay: float, b1: float, b2: float, eps: float
+) -> optax.GradientTransformation:
   # torch.optim.Adam(weight_decay=wd) adds wd * param to the gradient *before*
   # the moment estimates (L2 regularisation, not AdamW's decoupled decay).
   return optax.chain(
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-      optax.scale_by_learning_rate(learning_rate),
+    optax.add_decayed_weights(weight_decay),
+    optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+    optax.scale_by_learning_rate(learning_rate),
   )
 
 
@@ -163,25 +171,32 @@ def group_names(num_groups: int) -> list[str]:
   return [HEAD] + [release_label(i) for i in range(num_groups)] + [FROZEN]
 
 
-def make_optimizer(optim_config: ml_collections.ConfigDict,
-                   labels: PyTree, num_groups: int
-                   ) -> optax.GradientTransformation:
+def make_optimizer(
+  optim_config: ml_collections.ConfigDict, labels: PyTree, num_groups: int
+) -> optax.GradientTransformation:
   """Adam + L2 weight decay, one `inject_hyperparams` copy per group.
 
   Every group starts with learning rate 0; `set_learning_rates` (driven by
   `PlateauState.learning_rates`) opens the trainable ones. Labels without
   parameters are harmless: their inner states are empty.
   """
+
   def group_tx():
     return optax.inject_hyperparams(_adam_l2)(
-        learning_rate=0.0, weight_decay=optim_config.weight_decay,
-        b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps)
+      learning_rate=0.0,
+      weight_decay=optim_config.weight_decay,
+      b1=optim_config.b1,
+      b2=optim_config.b2,
+      eps=optim_config.eps,
+    )
+
   transforms = {name: group_tx() for name in group_names(num_groups)}
   return optax.partition(transforms, labels)
 
 
-def set_learning_rates(opt_state: PyTree,
-                       learning_rates: Mapping[str, float]) -> PyTree:
+def set_learning_rates(
+  opt_state: PyTree, learning_rates: Mapping[str, float]
+) -> PyTree:
   """Returns `opt_state` with each group's learning rate replaced.
 
   The new scalar keeps the old one's dtype and sharding, so the jitted step
@@ -193,8 +208,9 @@ def set_learning_rates(opt_state: PyTree,
   inner = dict(opt_state.inner_states)
   for name, lr in learning_rates.items():
     if name not in inner:
-      raise ValueError(f"unknown parameter group {name!r}; the optimiser has "
-                       f"{sorted(inner)}")
+      raise ValueError(
+        f"unknown parameter group {name!r}; the optimiser has {sorted(inner)}"
+      )
     masked = inner[name]
     hyper = dict(masked.inner_state.hyperparams)
     old = hyper["learning_rate"]
@@ -203,14 +219,17 @@ def set_learning_rates(opt_state: PyTree,
       new = jax.device_put(new, old.sharding)
     hyper["learning_rate"] = new
     inner[name] = masked._replace(
-        inner_state=masked.inner_state._replace(hyperparams=hyper))
+      inner_state=masked.inner_state._replace(hyperparams=hyper)
+    )
   return opt_state._replace(inner_states=inner)
 
 
 def learning_rates_of(opt_state: PyTree) -> dict[str, float]:
   """Current learning rate per group (host floats), for logging and tests."""
-  return {name: float(masked.inner_state.hyperparams["learning_rate"])
-          for name, masked in opt_state.inner_states.items()}
+  return {
+    name: float(masked.inner_state.hyperparams["learning_rate"])
+    for name, masked in opt_state.inner_states.items()
+  }
 
 
 # ----------------------------------------------------------------------------
@@ -220,40 +239,49 @@ def learning_rates_of(opt_state: PyTree) -> dict[str, float]:
 @dataclasses.dataclass(frozen=True)
 class PlateauConfig:
   """Settings of the epoch schedule (from `config.optim` / `config.train`)."""
-  learning_rate: float = 1e-5     # lr of trainable groups after each (re)start
-  factor: float = 0.1             # ReduceLROnPlateau factor
-  patience: int = 5               # epochs without improvement before reducing
-  min_learning_rate: float = 1e-6 # lr below this triggers a release
-  early_stopping: int = 20        # epochs without improvement; 0 = off
-  min_num_epochs: int = 0         # early stopping counts only after this epoch
+
+  learning_rate: float = 1e-5  # lr of trainable groups after each (re)start
+  factor: float = 0.1  # ReduceLROnPlateau factor
+  patience: int = 5  # epochs without improvement before reducing
+  min_learning_rate: float = 1e-6  # lr below this triggers a release
+  early_stopping: int = 20  # epochs without improvement; 0 = off
+  min_num_epochs: int = 0  # early stopping counts only after this epoch
   milestones: tuple[int, ...] = (0,)  # epochs that trigger a release
-  release_count: int = 3          # at most this many groups are released
-  num_groups: int = 0             # release groups the model has
+  release_count: int = 3  # at most this many groups are released
+  num_groups: int = 0  # release groups the model has
   max_epochs: int = 100
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict,
-                  num_groups: int) -> PlateauConfig:
+  def from_config(
+    cls, config: ml_collections.ConfigDict, num_groups: int
+  ) -> PlateauConfig:
     o, t = config.optim, config.train
-    return cls(learning_rate=o.learning_rate, factor=o.factor,
-               patience=o.patience, min_learning_rate=o.min_learning_rate,
-               early_stopping=t.early_stopping,
-               min_num_epochs=t.min_num_epochs,
-               milestones=tuple(o.milestones), release_count=o.release_count,
-               num_groups=num_groups, max_epochs=t.max_epochs)
+    return cls(
+      learning_rate=o.learning_rate,
+      factor=o.factor,
+      patience=o.patience,
+      min_learning_rate=o.min_learning_rate,
+      early_stopping=t.early_stopping,
+      min_num_epochs=t.min_num_epochs,
+      milestones=tuple(o.milestones),
+      release_count=o.release_count,
+      num_groups=num_groups,
+      max_epochs=t.max_epochs,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class PlateauState:
   """Where the schedule is; JSON-serialisable via `to_dict` / `from_dict`."""
-  epoch: int = 0                  # the next epoch to run (0-based)
-  learning_rate: float = 0.0      # current lr of the trainable groups
-  released: int = 0               # release groups opened so far
+
+  epoch: int = 0  # the next epoch to run (0-based)
+  learning_rate: float = 0.0  # current lr of the trainable groups
+  released: int = 0  # release groups opened so far
   scheduler_best: float = _NO_BEST  # ReduceLROnPlateau's best
-  num_bad_epochs: int = 0         # ReduceLROnPlateau's counter
-  best_ccc: float = _NO_BEST      # best validation CCC (selects checkpoints)
+  num_bad_epochs: int = 0  # ReduceLROnPlateau's counter
+  best_ccc: float = _NO_BEST  # best validation CCC (selects checkpoints)
   best_epoch: int = -1
-  early_stop_counter: int = 0     # epochs left before early stopping
+  early_stop_counter: int = 0  # epochs left before early stopping
   finished: bool = False
   stop_reason: str = ""
 
@@ -268,26 +296,28 @@ class PlateauState:
 @dataclasses.dataclass(frozen=True)
 class EpochStart:
   """What the loop must do before running an epoch."""
-  release: bool   # reload the best weights and reset the optimiser state
-  stop: bool      # do not run the epoch; training is over
+
+  release: bool  # reload the best weights and reset the optimiser state
+  stop: bool  # do not run the epoch; training is over
 
 
 def init_plateau(cfg: PlateauConfig) -> PlateauState:
-  return PlateauState(learning_rate=cfg.learning_rate,
-                      early_stop_counter=cfg.early_stopping)
+  return PlateauState(
+    learning_rate=cfg.learning_rate, early_stop_counter=cfg.early_stopping
+  )
 
 
-def learning_rates(cfg: PlateauConfig,
-                   state: PlateauState) -> dict[str, float]:
+def learning_rates(cfg: PlateauConfig, state: PlateauState) -> dict[str, float]:
   """Learning rate of every group: trainable ones share the current lr."""
   rates = {HEAD: state.learning_rate, FROZEN: 0.0}
   for i in range(cfg.num_groups):
-    rates[release_label(i)] = state.learning_rate if i < state.released else 0.
+    rates[release_label(i)] = state.learning_rate if i < state.released else 0.0
   return rates
 
 
-def begin_epoch(cfg: PlateauConfig,
-                state: PlateauState) -> tuple[PlateauState, EpochStart]:
+def begin_epoch(
+  cfg: PlateauConfig, state: PlateauState
+) -> tuple[PlateauState, EpochStart]:
   """Start-of-epoch rule of the reference's `fit`.
 
   At a milestone epoch, or when the lr has fallen below `min_learning_rate`,
@@ -300,26 +330,35 @@ def begin_epoch(cfg: PlateauConfig,
   if state.finished:
     return state, EpochStart(release=False, stop=True)
   if state.epoch >= cfg.max_epochs:
-    return (dataclasses.replace(state, finished=True,
-                                stop_reason="max_epochs"),
-            EpochStart(release=False, stop=True))
+    return (
+      dataclasses.replace(state, finished=True, stop_reason="max_epochs"),
+      EpochStart(release=False, stop=True),
+    )
   low_lr = state.learning_rate < cfg.min_learning_rate
   if not (low_lr or state.epoch in cfg.milestones):
     return state, EpochStart(release=False, stop=False)
   if state.released < min(cfg.release_count, cfg.num_groups):
     state = dataclasses.replace(
-        state, released=state.released + 1, learning_rate=cfg.learning_rate,
-        scheduler_best=_NO_BEST, num_bad_epochs=0)
+      state,
+      released=state.released + 1,
+      learning_rate=cfg.learning_rate,
+      scheduler_best=_NO_BEST,
+      num_bad_epochs=0,
+    )
     return state, EpochStart(release=True, stop=False)
   if low_lr:
-    return (dataclasses.replace(state, finished=True,
-                                stop_reason="nothing_left_to_release"),
-            EpochStart(release=False, stop=True))
+    return (
+      dataclasses.replace(
+        state, finished=True, stop_reason="nothing_left_to_release"
+      ),
+      EpochStart(release=False, stop=True),
+    )
   return state, EpochStart(release=True, stop=False)
 
 
-def end_epoch(cfg: PlateauConfig, state: PlateauState,
-              ccc: float) -> tuple[PlateauState, bool]:
+def end_epoch(
+  cfg: PlateauConfig, state: PlateauState, ccc: float
+) -> tuple[PlateauState, bool]:
   """End-of-epoch rule: best record, early stopping, then the lr scheduler.
 
   Args:
@@ -351,8 +390,15 @@ def end_epoch(cfg: PlateauConfig, state: PlateauState,
       lr = new_lr
     bad = 0
   new_state = dataclasses.replace(
-      state, epoch=state.epoch + 1, learning_rate=lr,
-      scheduler_best=sched_best, num_bad_epochs=bad, best_ccc=best_ccc,
-      best_epoch=best_epoch, early_stop_counter=counter, finished=finished,
-      stop_reason=reason)
+    state,
+    epoch=state.epoch + 1,
+    learning_rate=lr,
+    scheduler_best=sched_best,
+    num_bad_epochs=bad,
+    best_ccc=best_ccc,
+    best_epoch=best_epoch,
+    early_stop_counter=counter,
+    finished=finished,
+    stop_reason=reason,
+  )
   return new_state, improved

@@ -21,13 +21,15 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 Batch = dict[str, Any]
 
 
-def make_mesh(axes: Sequence[tuple[str, int]],
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+  axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """Builds a mesh from `(name, size)` pairs; one size may be -1 (the rest).
 
   Args:
@@ -46,15 +48,22 @@ def make_mesh(axes: Sequence[tuple[str, int]],
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if known == 0 or len(devices) % known:
-      raise ValueError(f"config.mesh={list(axes)}: {len(devices)} devices "
-                       f"are not divisible by {known}")
+      raise ValueError(
+        f"config.mesh={list(axes)}: {len(devices)} devices "
+        f"are not divisible by {known}"
+      )
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
-    raise ValueError(f"config.mesh={list(axes)}: axis sizes {sizes} multiply "
-                     f"to {math.prod(sizes)}, expected {len(devices)} devices")
-  return jax.make_mesh(tuple(sizes), names,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(names),
-                       devices=devices)
+    raise ValueError(
+      f"config.mesh={list(axes)}: axis sizes {sizes} multiply "
+      f"to {math.prod(sizes)}, expected {len(devices)} devices"
+    )
+  return jax.make_mesh(
+    tuple(sizes),
+    names,
+    axis_types=(jax.sharding.AxisType.Auto,) * len(names),
+    devices=devices,
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -77,9 +86,10 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, what: str) -> None:
   divisor = math.lcm(num_batch_shards(mesh), jax.process_count())
   if global_batch_size % divisor:
     raise ValueError(
-        f"{what}={global_batch_size} must be divisible by {divisor} "
-        f"({num_batch_shards(mesh)} devices on {jax.process_count()} "
-        "processes)")
+      f"{what}={global_batch_size} must be divisible by {divisor} "
+      f"({num_batch_shards(mesh)} devices on {jax.process_count()} "
+      "processes)"
+    )
 
 
 def global_batch(batch: Batch, mesh: Mesh) -> Batch:
@@ -94,8 +104,9 @@ def global_batch(batch: Batch, mesh: Mesh) -> Batch:
   """
   sharding = data_sharding(mesh)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-      batch)
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+    batch,
+  )
 
 
 def local_rows(global_rows: int) -> slice:
@@ -112,8 +123,9 @@ def to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def prefetch_to_device(batches: Iterable[Batch], mesh: Mesh,
-                       size: int = 2) -> Iterator[Batch]:
+def prefetch_to_device(
+  batches: Iterable[Batch], mesh: Mesh, size: int = 2
+) -> Iterator[Batch]:
   """Yields global device batches, keeping `size` transfers in flight.
 
   The transfers are asynchronous, so the next batches move to the devices

@@ -31,22 +31,17 @@ from typing import Any
 
 import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
+from clu import metric_writers, parameter_overview, periodic_actions
 from clu import metrics as clu_metrics
-from clu import parameter_overview
-from clu import periodic_actions
 from jax.experimental import multihost_utils
 
-from affjax import checkpoints
-from affjax import losses
-from affjax import optim
-from affjax import sharding
-from affjax.train_state import TrainState
+from affjax import checkpoints, losses, optim, sharding
+from affjax import train_state as ts
+from affjax.train_state import Setup, TrainState
 
 PyTree = Any
 Batch = dict[str, Any]
@@ -55,138 +50,32 @@ Metrics = dict[str, float]
 # Config keys allowed to differ from the checkpoint's when resuming: they
 # change where data lives, how often things are logged, or how far training
 # may go, not what an epoch computes.
-RESUME_SAFE_KEYS = ("data.raw_dir", "data.cache_dir", "data.tfds_dir",
-                    "train.log_every_steps", "train.max_in_flight",
-                    "train.prefetch", "train.eval_batch_size",
-                    "train.max_epochs", "eval", "mesh")
+RESUME_SAFE_KEYS = (
+  "data.raw_dir",
+  "data.cache_dir",
+  "data.tfds_dir",
+  "train.log_every_steps",
+  "train.max_in_flight",
+  "train.prefetch",
+  "train.eval_batch_size",
+  "train.max_epochs",
+  "eval",
+  "mesh",
+)
 # For evaluating a checkpoint only the model and the data layout matter.
-EVAL_SAFE_KEYS = RESUME_SAFE_KEYS + ("optim", "train", "seed",
-                                     "data.synthetic", "model.backbone_checkpoint")
+EVAL_SAFE_KEYS = RESUME_SAFE_KEYS + (
+  "optim",
+  "train",
+  "seed",
+  "data.synthetic",
+  "model.backbone_checkpoint",
+)
 _AUDIO_DIMS = {"vggish": 128, "mfcc": 39, "egemaps": 23}
 
 
 @flax.struct.dataclass
 class TrainMetrics(clu_metrics.Collection):
   loss: clu_metrics.Average.from_output("loss")
-
-
-# ----------------------------------------------------------------------------
-# Model, optimiser and state.
-
-
-def model_input_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """Batch keys the model reads (visual input + configured audio streams)."""
-  audio = ()
-  if config.model.name == "av_leader_follower":
-    audio = tuple(name for name, _ in config.model.audio_features)
-  return (config.model.input,) + audio
-
-
-def dummy_batch(config: ml_collections.ConfigDict,
-                batch_size: int = 1) -> Batch:
-  """Zero model inputs of the configured shapes (for `init`)."""
-  t, c = config.data.window_length, config.data.crop_size
-  shapes = {"frames": (t, c, c, 3), "embeddings": (t, 512)}
-  shapes.update({name: (t, dim) for name, dim in config.model.audio_features})
-  return {k: np.zeros((batch_size,) + shapes[k], np.float32)
-          for k in model_input_keys(config)}
-
-
-@dataclasses.dataclass
-class Setup:
-  """What a run builds once: model, optimiser, state layout."""
-  model: Any
-  tx: optax.GradientTransformation
-  labels: PyTree
-  plateau: optim.PlateauConfig
-  init_fn: Callable[[jax.Array], TrainState]
-  abstract_state: TrainState      # ShapeDtypeStructs with shardings
-  shardings: TrainState           # NamedSharding per leaf
-
-
-def build_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                model: Any | None = None) -> Setup:
-  """Builds model, parameter groups and optimiser without computing anything.
-
-  Args:
-    config: the run config.
-    mesh: the run's mesh (state leaves are replicated on it).
-    model: a Flax module to use instead of `build_model(config.model)`
-      (tests pass tiny fakes).
-  """
-  if model is None:
-    from affjax.models import build_model  # pylint: disable=g-import-not-at-top
-    model = build_model(config.model)
-  batch = dummy_batch(config)
-
-  def init_variables(key):
-    return model.init({"params": key, "dropout": key}, batch, train=False)
-
-  abstract_vars = jax.eval_shape(init_variables, jax.random.key(0))
-  groups = optim.release_groups(config.optim, config.model.backbone.name)
-  labels = optim.param_labels(abstract_vars["params"], config.optim.frozen,
-                              groups)
-  tx = optim.make_optimizer(config.optim, labels, len(groups))
-
-  def init_fn(key):
-    variables = init_variables(key)
-    params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(params))
-
-  abstract = jax.eval_shape(init_fn, jax.random.key(0))
-  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
-  abstract = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract, shardings)
-  return Setup(model=model, tx=tx, labels=labels,
-               plateau=optim.PlateauConfig.from_config(config, len(groups)),
-               init_fn=init_fn, abstract_state=abstract, shardings=shardings)
-
-
-def init_state(setup: Setup, key: jax.Array) -> TrainState:
-  """Initialises the state directly with its (replicated) shardings."""
-  return jax.jit(setup.init_fn, out_shardings=setup.shardings)(key)
-
-
-def load_backbone_checkpoint(state: TrainState, path: str) -> TrainState:
-  """Replaces the backbone's variables by a reference PyTorch checkpoint.
-
-  Accepts the pretrained `res50_ir_0.887.pth` layout (`backbone.*` +
-  `logits.*`) or a bare backbone state dict.
-
-  Raises:
-    ValueError: if the converted shapes differ from the model's.
-  """
-  from affjax import convert  # pylint: disable=g-import-not-at-top
-  from affjax.models import iresnet  # pylint: disable=g-import-not-at-top
-  state_dict = convert.load_torch_checkpoint(path)
-  if any(k.startswith("backbone.") for k in state_dict):
-    loaded = iresnet.iresnet_variables_from_res50(state_dict)
-  else:
-    loaded = iresnet.iresnet_variables_from_torch(state_dict)
-  params = dict(state.params)
-  batch_stats = dict(state.batch_stats)
-  for tree, collection in ((params, "params"), (batch_stats, "batch_stats")):
-    current = tree.get("backbone")
-    new = loaded[collection]
-    if jax.tree.structure(current) != jax.tree.structure(new) or any(
-        a.shape != b.shape for a, b in zip(jax.tree.leaves(current),
-                                           jax.tree.leaves(new))):
-      raise ValueError(f"backbone checkpoint {path}: its {collection} do not "
-                       "match config.model.backbone (different architecture "
-                       "or input size)")
-    tree["backbone"] = jax.tree.map(
-        lambda old, value: jax.device_put(
-            np.asarray(value, old.dtype), old.sharding), current, new)
-  return state.replace(params=params, batch_stats=batch_stats)
-
-
-def copy_tree(tree: PyTree) -> PyTree:
-  """Device copy (same shardings) that survives donation of the original."""
-  return jax.tree.map(
-      lambda x: jax.device_put(x, x.sharding, may_alias=False), tree)
 
 
 # ----------------------------------------------------------------------------
@@ -208,18 +97,21 @@ def trace_once(fn: Callable[..., Any]) -> Callable[..., Any]:
     nonlocal traces
     traces += 1
     if traces > 1:
-      shapes = jax.tree.map(lambda x: (getattr(x, "shape", None),
-                                       getattr(x, "dtype", None)), args)
-      raise RuntimeError(f"{fn.__name__} traced a second time (it must "
-                         f"compile once); arguments: {shapes}")
+      shapes = jax.tree.map(
+        lambda x: (getattr(x, "shape", None), getattr(x, "dtype", None)), args
+      )
+      raise RuntimeError(
+        f"{fn.__name__} traced a second time (it must "
+        f"compile once); arguments: {shapes}"
+      )
     return fn(*args, **kwargs)
 
   return wrapped
 
 
-def make_train_step(setup: Setup, loop_key: jax.Array
-                    ) -> Callable[[TrainState, Batch],
-                                  tuple[TrainState, TrainMetrics]]:
+def make_train_step(
+  setup: Setup, loop_key: jax.Array
+) -> Callable[[TrainState, Batch], tuple[TrainState, TrainMetrics]]:
   """The (unjitted) train step: masked CCC loss, Adam, BatchNorm update.
 
   The dropout key is `fold_in(loop_key, step)`, so a resumed run draws the
@@ -235,30 +127,38 @@ def make_train_step(setup: Setup, loop_key: jax.Array
     def loss_fn(params):
       variables = dict(state.variables(), params=params)
       preds, updates = model.apply(
-          variables, batch, train=True, rngs={"dropout": dropout_key},
-          mutable=["batch_stats"])
+        variables,
+        batch,
+        train=True,
+        rngs={"dropout": dropout_key},
+        mutable=["batch_stats"],
+      )
       loss = losses.ccc_loss(preds, batch["label"], batch["mask"])
       return loss, updates
 
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+      state.params
+    )
     deltas, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(
-        step=state.step + 1, params=optax.apply_updates(state.params, deltas),
-        batch_stats=updates.get("batch_stats", state.batch_stats),
-        opt_state=opt_state)
+      step=state.step + 1,
+      params=optax.apply_updates(state.params, deltas),
+      batch_stats=updates.get("batch_stats", state.batch_stats),
+      opt_state=opt_state,
+    )
     return new_state, TrainMetrics.single_from_model_output(loss=loss)
 
   return train_step
 
 
-def jit_train_step(setup: Setup, mesh: jax.sharding.Mesh,
-                   loop_key: jax.Array):
+def jit_train_step(setup: Setup, mesh: jax.sharding.Mesh, loop_key: jax.Array):
   """Jitted train step: state replicated and donated, batch data-sharded."""
-  return jax.jit(make_train_step(setup, loop_key),
-                 in_shardings=(setup.shardings, sharding.data_sharding(mesh)),
-                 out_shardings=(setup.shardings, sharding.replicated(mesh)),
-                 donate_argnums=(0,))
+  return jax.jit(
+    make_train_step(setup, loop_key),
+    in_shardings=(setup.shardings, sharding.data_sharding(mesh)),
+    out_shardings=(setup.shardings, sharding.replicated(mesh)),
+    donate_argnums=(0,),
+  )
 
 
 def jit_eval_step(setup: Setup, mesh: jax.sharding.Mesh):
@@ -269,14 +169,19 @@ def jit_eval_step(setup: Setup, mesh: jax.sharding.Mesh):
   def eval_step(state: TrainState, batch: Batch) -> jax.Array:
     return model.apply(state.variables(), batch, train=False)
 
-  return jax.jit(eval_step,
-                 in_shardings=(setup.shardings, sharding.data_sharding(mesh)),
-                 out_shardings=sharding.data_sharding(mesh))
+  return jax.jit(
+    eval_step,
+    in_shardings=(setup.shardings, sharding.data_sharding(mesh)),
+    out_shardings=sharding.data_sharding(mesh),
+  )
 
 
-def make_predict_fn(eval_step, state: TrainState, mesh: jax.sharding.Mesh,
-                    input_keys: Iterable[str]
-                    ) -> Callable[[Batch], np.ndarray]:
+def make_predict_fn(
+  eval_step,
+  state: TrainState,
+  mesh: jax.sharding.Mesh,
+  input_keys: Iterable[str],
+) -> Callable[[Batch], np.ndarray]:
   """Host function: a whole numpy eval batch -> numpy predictions.
 
   Every process passes the same whole batch; each contributes its rows to the
@@ -288,25 +193,11 @@ def make_predict_fn(eval_step, state: TrainState, mesh: jax.sharding.Mesh,
   def predict(batch: Batch) -> np.ndarray:
     rows = sharding.local_rows(len(batch[keys[0]]))
     inputs = {k: np.asarray(batch[k])[rows] for k in keys}
-    return sharding.to_host(eval_step(state, sharding.global_batch(inputs,
-                                                                   mesh)))
+    return sharding.to_host(
+      eval_step(state, sharding.global_batch(inputs, mesh))
+    )
 
   return predict
-
-
-def set_learning_rates(state: TrainState, setup: Setup,
-                       plateau: optim.PlateauState) -> TrainState:
-  return state.replace(opt_state=optim.set_learning_rates(
-      state.opt_state, optim.learning_rates(setup.plateau, plateau)))
-
-
-def reset_optimizer(state: TrainState, setup: Setup) -> TrainState:
-  """Fresh Adam moments and counts (the reference re-creates its optimiser).
-
-  Same tree, shapes and dtypes as before, so the train step does not retrace.
-  """
-  init = jax.jit(setup.tx.init, out_shardings=setup.shardings.opt_state)
-  return state.replace(opt_state=init(state.params))
 
 
 # ----------------------------------------------------------------------------
@@ -318,15 +209,21 @@ def check_finite(metrics: Metrics, first_step: int, last_step: int) -> None:
   bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
   if bad:
     raise FloatingPointError(
-        f"non-finite training metrics {bad} in steps {first_step}.."
-        f"{last_step}; lower config.optim.learning_rate or check the data")
+      f"non-finite training metrics {bad} in steps {first_step}.."
+      f"{last_step}; lower config.optim.learning_rate or check the data"
+    )
 
 
-def train_epoch(state: TrainState, train_step, batches: Iterable[Batch], *,
-                max_in_flight: int, log_every_steps: int,
-                writer: metric_writers.MetricWriter | None = None,
-                hooks: Iterable[Callable[[int], None]] = ()
-                ) -> tuple[TrainState, Metrics]:
+def train_epoch(
+  state: TrainState,
+  train_step,
+  batches: Iterable[Batch],
+  *,
+  max_in_flight: int,
+  log_every_steps: int,
+  writer: metric_writers.MetricWriter | None = None,
+  hooks: Iterable[Callable[[int], None]] = (),
+) -> tuple[TrainState, Metrics]:
   """Runs one pass over `batches` (device batches).
 
   At most `max_in_flight` steps are dispatched but unfinished: with
@@ -353,26 +250,38 @@ def train_epoch(state: TrainState, train_step, batches: Iterable[Batch], *,
       computed = {k: float(v) for k, v in window.compute().items()}
       check_finite(computed, first + 1, step)
       if writer is not None:
-        writer.write_scalars(step, {f"train/{k}": v
-                                    for k, v in computed.items()})
-      epoch_metrics = window if epoch_metrics is None else (
-          epoch_metrics.merge(window))
+        writer.write_scalars(
+          step, {f"train/{k}": v for k, v in computed.items()}
+        )
+      epoch_metrics = (
+        window if epoch_metrics is None else (epoch_metrics.merge(window))
+      )
       window, first = None, step
   if window is not None:
-    epoch_metrics = window if epoch_metrics is None else epoch_metrics.merge(
-        window)
+    epoch_metrics = (
+      window if epoch_metrics is None else epoch_metrics.merge(window)
+    )
   if epoch_metrics is None:
-    raise ValueError("the training split produced no batch: fewer windows "
-                     "than config.train.batch_size?")
+    raise ValueError(
+      "the training split produced no batch: fewer windows "
+      "than config.train.batch_size?"
+    )
   computed = {k: float(v) for k, v in epoch_metrics.compute().items()}
   check_finite(computed, first + 1, step)
   return state, computed
 
 
-def evaluate_split(eval_step, state: TrainState, mesh: jax.sharding.Mesh,
-                   config: ml_collections.ConfigDict, paths: Any, split: Any,
-                   *, out_dir: str | None = None, plots: bool = False
-                   ) -> dict[str, Any]:
+def evaluate_split(
+  eval_step,
+  state: TrainState,
+  mesh: jax.sharding.Mesh,
+  config: ml_collections.ConfigDict,
+  paths: Any,
+  split: Any,
+  *,
+  out_dir: str | None = None,
+  plots: bool = False,
+) -> dict[str, Any]:
   """Predicts every window of `split`, stitches trials, scores them.
 
   Every process evaluates the whole split (identical results everywhere);
@@ -380,35 +289,46 @@ def evaluate_split(eval_step, state: TrainState, mesh: jax.sharding.Mesh,
   """
   from affjax import evaluate  # pylint: disable=g-import-not-at-top
   from affjax.data import pipeline  # pylint: disable=g-import-not-at-top
-  batches = pipeline.eval_batches(config.data, paths, split.name,
-                                  batch_size=config.train.eval_batch_size)
-  predict = make_predict_fn(eval_step, state, mesh, model_input_keys(config))
+
+  batches = pipeline.eval_batches(
+    config.data, paths, split.name, batch_size=config.train.eval_batch_size
+  )
+  predict = make_predict_fn(eval_step, state, mesh, ts.model_input_keys(config))
   return evaluate.evaluate_windows(
-      predict, batches, split, config.data.emotions,
-      out_dir=out_dir if jax.process_index() == 0 else None, plots=plots)
+    predict,
+    batches,
+    split,
+    config.data.emotions,
+    out_dir=out_dir if jax.process_index() == 0 else None,
+    plots=plots,
+  )
 
 
-def run_metadata(config: ml_collections.ConfigDict, train_split: Any,
-                 plateau: optim.PlateauState, step: int,
-                 validation: Mapping[str, Any] | None) -> dict[str, Any]:
+def run_metadata(
+  config: ml_collections.ConfigDict,
+  train_split: Any,
+  plateau: optim.PlateauState,
+  step: int,
+  validation: Mapping[str, Any] | None,
+) -> dict[str, Any]:
   """JSON stored with each checkpoint (what evaluation/prediction need)."""
   d = config.data
   return {
-      "epoch": plateau.epoch,
-      "step": step,
-      "plateau": plateau.to_dict(),
-      "emotions": list(d.emotions),
-      "features": list(d.features),
-      "window_length": d.window_length,
-      "hop_length": d.hop_length,
-      "crop_size": d.crop_size,
-      "time_delay": d.time_delay,
-      "fold": d.fold,
-      "feature_stats": {
-          name: {"mean": np.asarray(mean).tolist(),
-                 "std": np.asarray(std).tolist()}
-          for name, (mean, std) in sorted(train_split.feature_stats.items())},
-      "validation": _overall(validation),
+    "epoch": plateau.epoch,
+    "step": step,
+    "plateau": plateau.to_dict(),
+    "emotions": list(d.emotions),
+    "features": list(d.features),
+    "window_length": d.window_length,
+    "hop_length": d.hop_length,
+    "crop_size": d.crop_size,
+    "time_delay": d.time_delay,
+    "fold": d.fold,
+    "feature_stats": {
+      name: {"mean": np.asarray(mean).tolist(), "std": np.asarray(std).tolist()}
+      for name, (mean, std) in sorted(train_split.feature_stats.items())
+    },
+    "validation": _overall(validation),
   }
 
 
@@ -418,20 +338,6 @@ def _overall(results: Mapping[str, Any] | None) -> dict[str, Any] | None:
   return {"ccc_mean": results["ccc_mean"], "overall": results["overall"]}
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Consistency checks that would otherwise fail deep inside jit."""
-  if config.model.num_outputs != len(config.data.emotions):
-    raise ValueError(
-        f"config.model.num_outputs={config.model.num_outputs} but "
-        f"config.data.emotions={tuple(config.data.emotions)} has "
-        f"{len(config.data.emotions)}")
-  missing = [k for k in model_input_keys(config)
-             if k not in config.data.features]
-  if missing:
-    raise ValueError(f"the model reads {missing}, which are not in "
-                     f"config.data.features={tuple(config.data.features)}")
-
-
 def _prepare_data(config: ml_collections.ConfigDict, workdir: str):
   """Generates/preprocesses on process 0 first, then everywhere (idempotent).
 
@@ -439,6 +345,7 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: str):
   on per-host disks each host builds its own copy.
   """
   from affjax.data import prepare as prepare_lib  # pylint: disable=g-import-not-at-top
+
   if jax.process_index() == 0:
     paths = prepare_lib.prepare(config.data, workdir)
   multihost_utils.sync_global_devices("affjax:prepare_data")
@@ -449,57 +356,68 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: str):
 
 def _write_hparams(writer, config: ml_collections.ConfigDict) -> None:
   flat = checkpoints.flatten(checkpoints.config_to_json(config))
-  writer.write_hparams({k: v if isinstance(v, (bool, int, float, str))
-                        else str(v) for k, v in flat.items()})
+  writer.write_hparams(
+    {
+      k: v if isinstance(v, (bool, int, float, str)) else str(v)
+      for k, v in flat.items()
+    }
+  )
 
 
 @dataclasses.dataclass
 class _Run:
   """Mutable per-run state of the epoch loop (host side)."""
+
   state: TrainState
-  best: dict[str, PyTree]         # params + batch_stats of the best epoch
+  best: dict[str, PyTree]  # params + batch_stats of the best epoch
   plateau: optim.PlateauState
   best_results: dict[str, Any] | None
 
 
-def _restore_or_init(config, setup: Setup, manager, init_key,
-                     workdir: str) -> _Run:
+def _restore_or_init(
+  config, setup: Setup, manager, init_key, workdir: str
+) -> _Run:
   latest = manager.latest_step()
   if latest is None:
-    state = init_state(setup, init_key)
+    state = ts.init_state(setup, init_key)
     if config.model.backbone_checkpoint:
-      state = load_backbone_checkpoint(state,
-                                       config.model.backbone_checkpoint)
-    parameter_overview.log_parameter_overview(state.params,
-                                              jax_logging_process=0)
-    return _Run(state=state, best=copy_tree(_weights(state)),
-                plateau=optim.init_plateau(setup.plateau), best_results=None)
+      state = ts.load_backbone_checkpoint(
+        state, config.model.backbone_checkpoint
+      )
+    parameter_overview.log_parameter_overview(
+      state.params, jax_logging_process=0
+    )
+    return _Run(
+      state=state,
+      best=ts.copy_tree(ts.weights(state)),
+      plateau=optim.init_plateau(setup.plateau),
+      best_results=None,
+    )
   saved = checkpoints.restore(manager, latest)
-  checkpoints.check_config(saved.config, config, manager.directory,
-                           ignore=RESUME_SAFE_KEYS)
+  checkpoints.check_config(
+    saved.config, config, manager.directory, ignore=RESUME_SAFE_KEYS
+  )
   state = checkpoints.restore(manager, latest, setup.abstract_state).state
   best_step = manager.best_step()
   best = checkpoints.restore(manager, best_step, setup.abstract_state)
-  logging.info("Resumed %s at epoch %d (step %d); best epoch %d.", workdir,
-               latest, int(state.step), best_step)
-  return _Run(state=state, best=_weights(best.state),
-              plateau=optim.PlateauState.from_dict(saved.metadata["plateau"]),
-              best_results=best.metadata["validation"])
+  logging.info(
+    "Resumed %s at epoch %d (step %d); best epoch %d.",
+    workdir,
+    latest,
+    int(state.step),
+    best_step,
+  )
+  return _Run(
+    state=state,
+    best=ts.weights(best.state),
+    plateau=optim.PlateauState.from_dict(saved.metadata["plateau"]),
+    best_results=best.metadata["validation"],
+  )
 
 
-def _weights(state: TrainState) -> dict[str, PyTree]:
-  return {"params": state.params, "batch_stats": state.batch_stats}
-
-
-def _with_weights(state: TrainState, weights: Mapping[str, PyTree]
-                  ) -> TrainState:
-  weights = copy_tree(dict(weights))
-  return state.replace(params=weights["params"],
-                       batch_stats=weights["batch_stats"])
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, Any]:
   """Trains (resuming if `workdir` has checkpoints) and returns a summary.
 
   Args:
@@ -510,24 +428,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     `{"best_epoch", "best_ccc", "validation" (best epoch's overall metrics),
     "epochs", "stop_reason", "step"}`.
   """
-  check_config(config)
+  ts.check_config(config)
   workdir = os.path.abspath(workdir)
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(config.train.batch_size, mesh,
-                            "config.train.batch_size")
-  sharding.check_batch_size(config.train.eval_batch_size, mesh,
-                            "config.train.eval_batch_size")
-  logging.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape),
-               jax.device_count(), jax.process_count())
+  sharding.check_batch_size(
+    config.train.batch_size, mesh, "config.train.batch_size"
+  )
+  sharding.check_batch_size(
+    config.train.eval_batch_size, mesh, "config.train.eval_batch_size"
+  )
+  logging.info(
+    "Mesh %s over %d devices, %d processes.",
+    dict(mesh.shape),
+    jax.device_count(),
+    jax.process_count(),
+  )
   writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+    workdir, just_logging=jax.process_index() > 0, asynchronous=True
+  )
 
   from affjax.data import pipeline  # pylint: disable=g-import-not-at-top
+
   paths = _prepare_data(config, workdir)
   train_split = pipeline.load_split(config.data, paths, "train")
   val_split = pipeline.load_split(config.data, paths, "validation")
 
-  setup = build_setup(config, mesh)
+  setup = ts.build_setup(config, mesh)
   init_key, loop_key = jax.random.split(jax.random.key(config.seed))
   manager = checkpoints.create_manager(workdir)
   run = _restore_or_init(config, setup, manager, init_key, workdir)
@@ -539,59 +465,90 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   steps_per_epoch = train_split.num_windows // config.train.batch_size
   hooks = []
   if jax.process_index() == 0:
-    hooks.append(periodic_actions.ReportProgress(
+    hooks.append(
+      periodic_actions.ReportProgress(
         num_train_steps=steps_per_epoch * config.train.max_epochs,
-        writer=writer, every_secs=60))
+        writer=writer,
+        every_secs=60,
+      )
+    )
   per_process = config.train.batch_size // jax.process_count()
 
   while True:
     run.plateau, start = optim.begin_epoch(setup.plateau, run.plateau)
     if start.stop:
-      logging.info("Training stopped before epoch %d: %s.", run.plateau.epoch,
-                   run.plateau.stop_reason)
+      logging.info(
+        "Training stopped before epoch %d: %s.",
+        run.plateau.epoch,
+        run.plateau.stop_reason,
+      )
       break
     epoch = run.plateau.epoch
     if start.release:
-      run.state = reset_optimizer(_with_weights(run.state, run.best), setup)
-      logging.info("Epoch %d: best weights reloaded, %d group(s) released.",
-                   epoch, run.plateau.released)
-    run.state = set_learning_rates(run.state, setup, run.plateau)
+      run.state = ts.reset_optimizer(
+        ts.with_weights(run.state, run.best), setup
+      )
+      logging.info(
+        "Epoch %d: best weights reloaded, %d group(s) released.",
+        epoch,
+        run.plateau.released,
+      )
+    run.state = ts.set_learning_rates(run.state, setup, run.plateau)
     batches = pipeline.train_batches(
-        config.data, paths, "train", batch_size=per_process, epoch=epoch,
-        seed=config.seed, process_index=jax.process_index(),
-        process_count=jax.process_count())
+      config.data,
+      paths,
+      "train",
+      batch_size=per_process,
+      epoch=epoch,
+      seed=config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
     run.state, train_metrics = train_epoch(
-        run.state, train_step,
-        sharding.prefetch_to_device(batches, mesh, config.train.prefetch),
-        max_in_flight=config.train.max_in_flight,
-        log_every_steps=config.train.log_every_steps, writer=writer,
-        hooks=hooks)
+      run.state,
+      train_step,
+      sharding.prefetch_to_device(batches, mesh, config.train.prefetch),
+      max_in_flight=config.train.max_in_flight,
+      log_every_steps=config.train.log_every_steps,
+      writer=writer,
+      hooks=hooks,
+    )
     step = int(run.state.step)
     with _timed(hooks, "eval"):
-      results = evaluate_split(eval_step, run.state, mesh, config, paths,
-                               val_split)
-    run.plateau, improved = optim.end_epoch(setup.plateau, run.plateau,
-                                            results["ccc_mean"])
+      results = evaluate_split(
+        eval_step, run.state, mesh, config, paths, val_split
+      )
+    run.plateau, improved = optim.end_epoch(
+      setup.plateau, run.plateau, results["ccc_mean"]
+    )
     if improved:
-      run.best = copy_tree(_weights(run.state))
+      run.best = ts.copy_tree(ts.weights(run.state))
       run.best_results = _overall(results)
     if config.train.load_best_at_each_epoch:
-      run.state = _with_weights(run.state, run.best)
-    _log_epoch(writer, step, epoch, train_metrics, results, run.plateau,
-               improved)
-    checkpoints.save(manager, run.plateau.epoch, run.state, config,
-                     run_metadata(config, train_split, run.plateau, step,
-                                  results), results["ccc_mean"])
+      run.state = ts.with_weights(run.state, run.best)
+    _log_epoch(
+      writer, step, epoch, train_metrics, results, run.plateau, improved
+    )
+    checkpoints.save(
+      manager,
+      run.plateau.epoch,
+      run.state,
+      config,
+      run_metadata(config, train_split, run.plateau, step, results),
+      results["ccc_mean"],
+    )
 
   manager.wait_until_finished()
   writer.flush()
   multihost_utils.sync_global_devices("affjax:train_done")
-  return {"best_epoch": run.plateau.best_epoch,
-          "best_ccc": run.plateau.best_ccc,
-          "validation": run.best_results,
-          "epochs": run.plateau.epoch,
-          "stop_reason": run.plateau.stop_reason,
-          "step": int(run.state.step)}
+  return {
+    "best_epoch": run.plateau.best_epoch,
+    "best_ccc": run.plateau.best_ccc,
+    "validation": run.best_results,
+    "epochs": run.plateau.epoch,
+    "stop_reason": run.plateau.stop_reason,
+    "step": int(run.state.step),
+  }
 
 
 def _timed(hooks, name: str):
@@ -602,27 +559,50 @@ def _timed(hooks, name: str):
   return contextlib.nullcontext()
 
 
-def _log_epoch(writer, step: int, epoch: int, train_metrics: Metrics,
-               results: Mapping[str, Any], plateau: optim.PlateauState,
-               improved: bool) -> None:
+def _log_epoch(
+  writer,
+  step: int,
+  epoch: int,
+  train_metrics: Metrics,
+  results: Mapping[str, Any],
+  plateau: optim.PlateauState,
+  improved: bool,
+) -> None:
   from affjax import evaluate  # pylint: disable=g-import-not-at-top
+
   scalars = {f"train/epoch_{k}": v for k, v in train_metrics.items()}
   scalars.update(evaluate.scalars(results, prefix="validation/"))
-  scalars.update({"epoch": epoch, "learning_rate": plateau.learning_rate,
-                  "released_groups": plateau.released,
-                  "best_ccc": plateau.best_ccc})
+  scalars.update(
+    {
+      "epoch": epoch,
+      "learning_rate": plateau.learning_rate,
+      "released_groups": plateau.released,
+      "best_ccc": plateau.best_ccc,
+    }
+  )
   writer.write_scalars(step, scalars)
   logging.info(
-      "epoch %d step %d: train loss %.4f, validation CCC %s (mean %.4f)%s, "
-      "lr %.1e, released %d", epoch, step, train_metrics["loss"],
-      {e: round(v["ccc"], 4) for e, v in results["overall"].items()},
-      results["ccc_mean"], " *best*" if improved else "",
-      plateau.learning_rate, plateau.released)
+    "epoch %d step %d: train loss %.4f, validation CCC %s (mean %.4f)%s, "
+    "lr %.1e, released %d",
+    epoch,
+    step,
+    train_metrics["loss"],
+    {e: round(v["ccc"], 4) for e, v in results["overall"].items()},
+    results["ccc_mean"],
+    " *best*" if improved else "",
+    plateau.learning_rate,
+    plateau.released,
+  )
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
-                        split: str | None = None, out_dir: str | None = None,
-                        step: int | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  split: str | None = None,
+  out_dir: str | None = None,
+  step: int | None = None,
+) -> dict[str, Any]:
   """Restores the best (or a given) checkpoint and scores a split.
 
   Writes results.json, per-trial predictions and (if `config.eval.plots`)
@@ -631,7 +611,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   Returns:
     The results dict of `affjax.evaluate.compute_results` plus `"step"`.
   """
-  check_config(config)
+  ts.check_config(config)
   workdir = os.path.abspath(workdir)
   split = split or config.eval.split
   manager = checkpoints.create_manager(workdir, read_only=True)
@@ -639,23 +619,37 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {manager.directory}")
   saved = checkpoints.restore(manager, step)
-  checkpoints.check_config(saved.config, config, manager.directory,
-                           ignore=EVAL_SAFE_KEYS)
+  checkpoints.check_config(
+    saved.config, config, manager.directory, ignore=EVAL_SAFE_KEYS
+  )
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(config.train.eval_batch_size, mesh,
-                            "config.train.eval_batch_size")
-  setup = build_setup(config, mesh)
+  sharding.check_batch_size(
+    config.train.eval_batch_size, mesh, "config.train.eval_batch_size"
+  )
+  setup = ts.build_setup(config, mesh)
   state = checkpoints.restore(manager, step, setup.abstract_state).state
   from affjax.data import pipeline  # pylint: disable=g-import-not-at-top
+
   paths = _prepare_data(config, workdir)
   data_split = pipeline.load_split(config.data, paths, split)
   out_dir = out_dir or os.path.join(workdir, "eval", f"{split}_{step}")
-  results = evaluate_split(jit_eval_step(setup, mesh), state, mesh, config,
-                           paths, data_split, out_dir=out_dir,
-                           plots=config.eval.plots)
-  logging.info("Checkpoint %d on %s: CCC %s (mean %.4f); wrote %s", step,
-               split, {e: round(v["ccc"], 4)
-                       for e, v in results["overall"].items()},
-               results["ccc_mean"], out_dir)
+  results = evaluate_split(
+    jit_eval_step(setup, mesh),
+    state,
+    mesh,
+    config,
+    paths,
+    data_split,
+    out_dir=out_dir,
+    plots=config.eval.plots,
+  )
+  logging.info(
+    "Checkpoint %d on %s: CCC %s (mean %.4f); wrote %s",
+    step,
+    split,
+    {e: round(v["ccc"], 4) for e, v in results["overall"].items()},
+    results["ccc_mean"],
+    out_dir,
+  )
   multihost_utils.sync_global_devices("affjax:evaluate_done")
   return dict(results, step=step)

@@ -1,29 +1,234 @@
-"""The train state: everything a step updates and a checkpoint stores.
+"""The train state and how a run builds it: model, optimiser, shardings.
 
-A plain pytree (no `apply_fn` / `tx` fields): the optimiser and model are
-closed over by the jitted step, so the state restores with orbax's
-`StandardRestore` as an ordinary tree of arrays.
+`TrainState` is a plain pytree (no `apply_fn` / `tx` fields): the optimiser and
+model are closed over by the jitted step, so the state restores with orbax's
+`StandardRestore` as an ordinary tree of arrays. `build_setup` derives the
+parameter groups and optimiser from abstract shapes (`jax.eval_shape`), and
+`init_state` creates the state directly with its shardings, so no full copy
+ever lives on one device first.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
 import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from affjax import optim, sharding
 
 PyTree = Any
+Batch = dict[str, Any]
 
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array         # int32 scalar: optimiser steps taken so far
-  params: PyTree          # trainable variables ('params' collection)
-  batch_stats: PyTree     # BatchNorm running statistics ({} if none)
-  opt_state: PyTree       # optax state (per-group Adam + learning rates)
+  step: jax.Array  # int32 scalar: optimiser steps taken so far
+  params: PyTree  # trainable variables ('params' collection)
+  batch_stats: PyTree  # BatchNorm running statistics ({} if none)
+  opt_state: PyTree  # optax state (per-group Adam + learning rates)
 
   def variables(self) -> dict[str, PyTree]:
     """Variables for `model.apply`."""
     if self.batch_stats:
       return {"params": self.params, "batch_stats": self.batch_stats}
     return {"params": self.params}
+
+
+def model_input_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Batch keys the model reads (visual input + configured audio streams)."""
+  audio = ()
+  if config.model.name == "av_leader_follower":
+    audio = tuple(name for name, _ in config.model.audio_features)
+  return (config.model.input,) + audio
+
+
+def dummy_batch(
+  config: ml_collections.ConfigDict, batch_size: int = 1
+) -> Batch:
+  """Zero model inputs of the configured shapes (for `init`)."""
+  t, c = config.data.window_length, config.data.crop_size
+  shapes = {"frames": (t, c, c, 3), "embeddings": (t, 512)}
+  shapes.update({name: (t, dim) for name, dim in config.model.audio_features})
+  return {
+    k: np.zeros((batch_size,) + shapes[k], np.float32)
+    for k in model_input_keys(config)
+  }
+
+
+@dataclasses.dataclass
+class Setup:
+  """What a run builds once: model, optimiser, state layout."""
+
+  model: Any
+  tx: optax.GradientTransformation
+  labels: PyTree
+  plateau: optim.PlateauConfig
+  init_fn: Callable[[jax.Array], TrainState]
+  abstract_state: TrainState  # ShapeDtypeStructs with shardings
+  shardings: TrainState  # NamedSharding per leaf
+
+
+def build_setup(
+  config: ml_collections.ConfigDict,
+  mesh: jax.sharding.Mesh,
+  model: Any | None = None,
+) -> Setup:
+  """Builds model, parameter groups and optimiser without computing anything.
+
+  Args:
+    config: the run config.
+    mesh: the run's mesh (state leaves are replicated on it).
+    model: a Flax module to use instead of `build_model(config.model)`
+      (tests pass tiny fakes).
+  """
+  if model is None:
+    from affjax.models import build_model  # pylint: disable=g-import-not-at-top
+
+    model = build_model(config.model)
+  batch = dummy_batch(config)
+
+  def init_variables(key):
+    return model.init({"params": key, "dropout": key}, batch, train=False)
+
+  abstract_vars = jax.eval_shape(init_variables, jax.random.key(0))
+  groups = optim.release_groups(config.optim, config.model.backbone.name)
+  labels = optim.param_labels(
+    abstract_vars["params"], config.optim.frozen, groups
+  )
+  tx = optim.make_optimizer(config.optim, labels, len(groups))
+
+  def init_fn(key):
+    variables = init_variables(key)
+    params = variables["params"]
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables.get("batch_stats", {}),
+      opt_state=tx.init(params),
+    )
+
+  abstract = jax.eval_shape(init_fn, jax.random.key(0))
+  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  abstract = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    abstract,
+    shardings,
+  )
+  return Setup(
+    model=model,
+    tx=tx,
+    labels=labels,
+    plateau=optim.PlateauConfig.from_config(config, len(groups)),
+    init_fn=init_fn,
+    abstract_state=abstract,
+    shardings=shardings,
+  )
+
+
+def init_state(setup: Setup, key: jax.Array) -> TrainState:
+  """Initialises the state directly with its (replicated) shardings."""
+  return jax.jit(setup.init_fn, out_shardings=setup.shardings)(key)
+
+
+def load_backbone_checkpoint(state: TrainState, path: str) -> TrainState:
+  """Replaces the backbone's variables by a reference PyTorch checkpoint.
+
+  Accepts the pretrained `res50_ir_0.887.pth` layout (`backbone.*` +
+  `logits.*`) or a bare backbone state dict.
+
+  Raises:
+    ValueError: if the converted shapes differ from the model's.
+  """
+  from affjax import convert  # pylint: disable=g-import-not-at-top
+  from affjax.models import iresnet  # pylint: disable=g-import-not-at-top
+
+  state_dict = convert.load_torch_checkpoint(path)
+  if any(k.startswith("backbone.") for k in state_dict):
+    loaded = iresnet.iresnet_variables_from_res50(state_dict)
+  else:
+    loaded = iresnet.iresnet_variables_from_torch(state_dict)
+  params = dict(state.params)
+  batch_stats = dict(state.batch_stats)
+  for tree, collection in ((params, "params"), (batch_stats, "batch_stats")):
+    current = tree.get("backbone")
+    new = loaded[collection]
+    if jax.tree.structure(current) != jax.tree.structure(new) or any(
+      a.shape != b.shape
+      for a, b in zip(jax.tree.leaves(current), jax.tree.leaves(new))
+    ):
+      raise ValueError(
+        f"backbone checkpoint {path}: its {collection} do not "
+        "match config.model.backbone (different architecture "
+        "or input size)"
+      )
+    tree["backbone"] = jax.tree.map(
+      lambda old, value: jax.device_put(
+        np.asarray(value, old.dtype), old.sharding
+      ),
+      current,
+      new,
+    )
+  return state.replace(params=params, batch_stats=batch_stats)
+
+
+def copy_tree(tree: PyTree) -> PyTree:
+  """Device copy (same shardings) that survives donation of the original."""
+  return jax.tree.map(
+    lambda x: jax.device_put(x, x.sharding, may_alias=False), tree
+  )
+
+
+def set_learning_rates(
+  state: TrainState, setup: Setup, plateau: optim.PlateauState
+) -> TrainState:
+  """Writes the plateau state's per-group learning rates into the state."""
+  return state.replace(
+    opt_state=optim.set_learning_rates(
+      state.opt_state, optim.learning_rates(setup.plateau, plateau)
+    )
+  )
+
+
+def reset_optimizer(state: TrainState, setup: Setup) -> TrainState:
+  """Fresh Adam moments and counts (the reference re-creates its optimiser).
+
+  Same tree, shapes and dtypes as before, so the train step does not retrace.
+  """
+  init = jax.jit(setup.tx.init, out_shardings=setup.shardings.opt_state)
+  return state.replace(opt_state=init(state.params))
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Consistency checks that would otherwise fail deep inside jit."""
+  if config.model.num_outputs != len(config.data.emotions):
+    raise ValueError(
+      f"config.model.num_outputs={config.model.num_outputs} but "
+      f"config.data.emotions={tuple(config.data.emotions)} has "
+      f"{len(config.data.emotions)}"
+    )
+  missing = [
+    k for k in model_input_keys(config) if k not in config.data.features
+  ]
+  if missing:
+    raise ValueError(
+      f"the model reads {missing}, which are not in "
+      f"config.data.features={tuple(config.data.features)}"
+    )
+
+
+def weights(state: TrainState) -> dict[str, PyTree]:
+  """The model weights: params and BatchNorm statistics."""
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def with_weights(state: TrainState, new: Mapping[str, PyTree]) -> TrainState:
+  """`state` with a copy of `new` weights (the originals stay valid)."""
+  new = copy_tree(dict(new))
+  return state.replace(params=new["params"], batch_stats=new["batch_stats"])

@@ -18,8 +18,9 @@ from configs import common
 
 def get_config(arg=None):
   """`arg`: emotion, `fold=N`, and `synthetic` for the embedded dataset."""
-  args = common.parse_arg(arg, positional="emotion", emotion="valence",
-                          fold=0, synthetic=False)
+  args = common.parse_arg(
+    arg, positional="emotion", emotion="valence", fold=0, synthetic=False
+  )
   config = common.base_config()
   config.data.fold = args.fold
   config.model.input = "embeddings"

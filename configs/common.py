@@ -17,8 +17,9 @@ EMOTIONS = ("valence", "arousal")
 AUDIO_DIMS = {"vggish": 128, "mfcc": 39, "egemaps": 23}
 
 
-def parse_arg(arg: str | None, *, positional: str | None = None,
-              **defaults: Any) -> ml_collections.ConfigDict:
+def parse_arg(
+  arg: str | None, *, positional: str | None = None, **defaults: Any
+) -> ml_collections.ConfigDict:
   """Parses a config variant string such as `"arousal,fold=3"`.
 
   Args:
@@ -44,11 +45,15 @@ def parse_arg(arg: str | None, *, positional: str | None = None,
       elif positional is not None:
         key, value = positional, token
       else:
-        raise ValueError(f"config argument {token!r} in {arg!r} is not "
-                         f"key=value; keys: {sorted(defaults)}")
+        raise ValueError(
+          f"config argument {token!r} in {arg!r} is not "
+          f"key=value; keys: {sorted(defaults)}"
+        )
     if key not in defaults:
-      raise ValueError(f"unknown config argument {key!r} in {arg!r}; "
-                       f"allowed: {sorted(defaults)}")
+      raise ValueError(
+        f"unknown config argument {key!r} in {arg!r}; "
+        f"allowed: {sorted(defaults)}"
+      )
     values[key] = _convert(key, value, defaults[key])
   return ml_collections.ConfigDict(values, type_safe=True).lock()
 
@@ -61,8 +66,9 @@ def _convert(key: str, value: str, default: Any) -> Any:
       return value.lower() in ("true", "1")
     return type(default)(value)
   except ValueError:
-    raise ValueError(f"config argument {key}={value!r}: expected a "
-                     f"{type(default).__name__}") from None
+    raise ValueError(
+      f"config argument {key}={value!r}: expected a {type(default).__name__}"
+    ) from None
 
 
 def emotions_for(emotion: str) -> tuple[str, ...]:
@@ -70,8 +76,9 @@ def emotions_for(emotion: str) -> tuple[str, ...]:
   if emotion == "both":
     return EMOTIONS
   if emotion not in EMOTIONS:
-    raise ValueError(f"emotion must be 'valence', 'arousal' or 'both', got "
-                     f"{emotion!r}")
+    raise ValueError(
+      f"emotion must be 'valence', 'arousal' or 'both', got {emotion!r}"
+    )
   return (emotion,)
 
 
@@ -84,24 +91,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = (("data", -1),)
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "affwild2"              # 'affwild2' | 'synthetic'
-  c.data.raw_dir = ""                   # '' -> <workdir>/data/raw
-  c.data.cache_dir = ""                 # '' -> <workdir>/data/cache
-  c.data.tfds_dir = ""                  # '' -> <workdir>/data/tfds
+  c.data.name = "affwild2"  # 'affwild2' | 'synthetic'
+  c.data.raw_dir = ""  # '' -> <workdir>/data/raw
+  c.data.cache_dir = ""  # '' -> <workdir>/data/cache
+  c.data.tfds_dir = ""  # '' -> <workdir>/data/tfds
   c.data.synthetic = ml_collections.ConfigDict()  # generator settings
-  c.data.fold = 0                       # cross-validation fold, 0..5
-  c.data.window_length = 300            # frames per window
-  c.data.hop_length = 200               # frames between window starts
+  c.data.fold = 0  # cross-validation fold, 0..5
+  c.data.window_length = 300  # frames per window
+  c.data.hop_length = 200  # frames between window starts
   c.data.emotions = EMOTIONS
   c.data.features = ("frames", "vggish", "mfcc")
-  c.data.crop_size = 40                 # pixels (of the 48x48 cache)
-  c.data.time_delay = 0                 # frames labels are shifted earlier
+  c.data.crop_size = 40  # pixels (of the 48x48 cache)
+  c.data.time_delay = 0  # frames labels are shifted earlier
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "av_leader_follower"   # | 'visual_only'
-  c.model.input = "frames"              # | 'embeddings'
+  c.model.name = "av_leader_follower"  # | 'visual_only'
+  c.model.input = "frames"  # | 'embeddings'
   c.model.backbone = ml_collections.ConfigDict()
-  c.model.backbone.name = "ir50"        # 'ir50' | 'ir_se50' | 'tiny'
+  c.model.backbone.name = "ir50"  # 'ir50' | 'ir_se50' | 'tiny'
   c.model.backbone.dropout = 0.4
   # Reference backbone weights (`res50_ir_0.887.pth`); '' = random init.
   c.model.backbone_checkpoint = ""
@@ -116,47 +123,49 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-5
-  c.optim.weight_decay = 1e-3           # torch-Adam L2 (added to the grad)
+  c.optim.weight_decay = 1e-3  # torch-Adam L2 (added to the grad)
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
-  c.optim.factor = 0.1                  # ReduceLROnPlateau on val CCC
+  c.optim.factor = 0.1  # ReduceLROnPlateau on val CCC
   c.optim.patience = 5
-  c.optim.min_learning_rate = 1e-6      # below this: release next group
-  c.optim.milestones = (0,)             # epochs that release a group
+  c.optim.min_learning_rate = 1e-6  # below this: release next group
+  c.optim.milestones = (0,)  # epochs that release a group
   c.optim.release_count = 3
-  c.optim.frozen = "^backbone/"         # regex: params frozen at the start
+  c.optim.frozen = "^backbone/"  # regex: params frozen at the start
   # RELEASE_GROUPS entry ('auto' = the backbone's name, '' = none); the
   # entry's regexes are relative to the backbone, hence the prefix.
   c.optim.release_groups = "auto"
   c.optim.release_prefix = "^backbone/"
 
   c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 8                # global, split over devices/hosts
+  c.train.batch_size = 8  # global, split over devices/hosts
   c.train.eval_batch_size = 8
   c.train.max_epochs = 100
-  c.train.early_stopping = 20           # epochs without improvement; 0 off
+  c.train.early_stopping = 20  # epochs without improvement; 0 off
   c.train.min_num_epochs = 0
   c.train.load_best_at_each_epoch = True
   c.train.log_every_steps = 50
-  c.train.max_in_flight = 8             # steps dispatched but not finished
-  c.train.prefetch = 2                  # batches transferred ahead
+  c.train.max_in_flight = 8  # steps dispatched but not finished
+  c.train.prefetch = 2  # batches transferred ahead
 
   c.eval = ml_collections.ConfigDict()
   c.eval.split = "validation"
-  c.eval.plots = True                   # per-trial PNGs in --mode=evaluate
+  c.eval.plots = True  # per-trial PNGs in --mode=evaluate
   return c
 
 
-def set_emotions(config: ml_collections.ConfigDict,
-                 emotions: tuple[str, ...]) -> None:
+def set_emotions(
+  config: ml_collections.ConfigDict, emotions: tuple[str, ...]
+) -> None:
   """Sets the trained emotions and the matching number of outputs."""
   config.data.emotions = tuple(emotions)
   config.model.num_outputs = len(emotions)
 
 
-def set_audio(config: ml_collections.ConfigDict,
-              features: tuple[str, ...]) -> None:
+def set_audio(
+  config: ml_collections.ConfigDict, features: tuple[str, ...]
+) -> None:
   """Sets the audio streams (model) and the features to load (data)."""
   visual = config.model.input
   config.model.audio_features = tuple((f, AUDIO_DIMS[f]) for f in features)
@@ -165,11 +174,13 @@ def set_audio(config: ml_collections.ConfigDict,
 
 def demo_synthetic() -> ml_collections.ConfigDict:
   """Generator settings of the demo dataset (`affjax.data.synthetic`)."""
-  return ml_collections.ConfigDict(dict(
-      num_trials=14, seed=0, min_seconds=20.0, max_seconds=40.0))
+  return ml_collections.ConfigDict(
+    {"num_trials": 14, "seed": 0, "min_seconds": 20.0, "max_seconds": 40.0}
+  )
 
 
 def test_synthetic() -> ml_collections.ConfigDict:
   """A dataset of a few seconds per trial, for tests."""
-  return ml_collections.ConfigDict(dict(
-      num_trials=5, seed=0, min_seconds=2.0, max_seconds=3.0))
+  return ml_collections.ConfigDict(
+    {"num_trials": 5, "seed": 0, "min_seconds": 2.0, "max_seconds": 3.0}
+  )

@@ -26,8 +26,7 @@ from configs import common
 
 def get_config(arg=None):
   """Paper configuration; `arg` as in the module docstring."""
-  args = common.parse_arg(arg, positional="emotion", emotion="valence",
-                          fold=0)
+  args = common.parse_arg(arg, positional="emotion", emotion="valence", fold=0)
   config = common.base_config()
   config.data.name = "affwild2"
   config.data.fold = args.fold

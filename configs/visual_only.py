@@ -17,8 +17,7 @@ from configs import common
 
 def get_config(arg=None):
   """Visual-only configuration; `arg`: emotion and `fold=N`."""
-  args = common.parse_arg(arg, positional="emotion", emotion="valence",
-                          fold=0)
+  args = common.parse_arg(arg, positional="emotion", emotion="valence", fold=0)
   config = common.base_config()
   config.data.fold = args.fold
   config.model.name = "visual_only"

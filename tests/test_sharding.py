@@ -17,11 +17,14 @@ def test_make_mesh_fills_minus_one_with_auto_axes():
   assert mesh.shape == {"data": 1}
 
 
-@pytest.mark.parametrize("axes,match", [
+@pytest.mark.parametrize(
+  "axes,match",
+  [
     ([("data", 3)], "multiply to 3, expected 8 devices"),
     ([("data", -1), ("model", 3)], "not divisible by 3"),
     ([("data", -1), ("model", -1)], "at most one axis"),
-])
+  ],
+)
 def test_make_mesh_errors(axes, match):
   with pytest.raises(ValueError, match=match):
     sharding.make_mesh(axes)
@@ -30,9 +33,13 @@ def test_make_mesh_errors(axes, match):
 def test_global_batch_and_prefetch_keep_values_and_order():
   mesh = sharding.make_mesh([("data", -1)])
   rng = np.random.default_rng(0)
-  batches = [{"x": rng.normal(size=(16, 3, 2)).astype(np.float32),
-              "trial": np.arange(16, dtype=np.int32) + 100 * i}
-             for i in range(5)]
+  batches = [
+    {
+      "x": rng.normal(size=(16, 3, 2)).astype(np.float32),
+      "trial": np.arange(16, dtype=np.int32) + 100 * i,
+    }
+    for i in range(5)
+  ]
   out = list(sharding.prefetch_to_device(iter(batches), mesh, size=2))
   assert len(out) == 5
   for got, want in zip(out, batches):
@@ -64,6 +71,7 @@ def test_prefetch_is_lazy_and_bounded():
 def test_check_batch_size():
   mesh = sharding.make_mesh([("data", -1)])
   sharding.check_batch_size(16, mesh, "config.batch_size")
-  with pytest.raises(ValueError, match="config.batch_size=12 must be "
-                     "divisible by 8"):
+  with pytest.raises(
+    ValueError, match="config.batch_size=12 must be divisible by 8"
+  ):
     sharding.check_batch_size(12, mesh, "config.batch_size")

@@ -12,9 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from affjax import optim
-from affjax import sharding
-from affjax import train
+from affjax import optim, sharding, train, train_state
 from configs import common
 
 T = 12
@@ -22,6 +20,7 @@ T = 12
 
 class FakeModel(nn.Module):
   """embeddings [B,T,512] -> 'backbone' Dense+BN -> dropout -> 'head'."""
+
   num_outputs: int = 2
 
   @nn.compact
@@ -30,8 +29,7 @@ class FakeModel(nn.Module):
     # No bias before BatchNorm: its gradient is ~0 and Adam would amplify
     # the float noise into different updates on 1 and 8 devices.
     h = nn.Dense(8, use_bias=False, name="backbone")(x)
-    h = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                     name="bn")(h)
+    h = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(h)
     h = nn.Dropout(0.3, deterministic=not train)(jnp.tanh(h))
     return nn.Dense(self.num_outputs, name="head")(h)
 
@@ -54,22 +52,27 @@ def _batches(n, batch_size=8, seed=0):
     x = rng.normal(size=(batch_size, T, 512)).astype(np.float32)
     label = np.tanh(x[..., :2] + 0.1 * rng.normal(size=(batch_size, T, 2)))
     mask = rng.random((batch_size, T)) > 0.2
-    out.append({"embeddings": x, "label": label.astype(np.float32),
-                "mask": mask})
+    out.append(
+      {"embeddings": x, "label": label.astype(np.float32), "mask": mask}
+    )
   return out
 
 
 def _train(mesh, config, batches, state=None):
-  setup = train.build_setup(config, mesh, model=FakeModel())
+  setup = train_state.build_setup(config, mesh, model=FakeModel())
   init_key, loop_key = jax.random.split(jax.random.key(0))
   if state is None:
-    state = train.init_state(setup, init_key)
+    state = train_state.init_state(setup, init_key)
   plateau = optim.init_plateau(setup.plateau)
-  state = train.set_learning_rates(state, setup, plateau)
+  state = train_state.set_learning_rates(state, setup, plateau)
   step = train.jit_train_step(setup, mesh, loop_key)
   state, metrics = train.train_epoch(
-      state, step, sharding.prefetch_to_device(batches, mesh),
-      max_in_flight=4, log_every_steps=3)
+    state,
+    step,
+    sharding.prefetch_to_device(batches, mesh),
+    max_in_flight=4,
+    log_every_steps=3,
+  )
   return setup, state, metrics
 
 
@@ -88,45 +91,56 @@ def test_eight_devices_match_one_device():
   # round-off into up to ~1% of one lr-sized step: atol 1e-5 at lr 1e-3
   # (the updates themselves are up to 6e-3 over 6 steps).
   np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(train._weights(s1)),
-                  jax.tree.leaves(train._weights(s8))):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
-                               atol=1e-5)
+  for a, b in zip(
+    jax.tree.leaves(train_state.weights(s1)),
+    jax.tree.leaves(train_state.weights(s8)),
+  ):
+    np.testing.assert_allclose(
+      np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5
+    )
   # Parameters moved (lr 1e-2 for 6 steps), so the comparison is not vacuous.
-  init = train.init_state(train.build_setup(config, one, FakeModel()),
-                          jax.random.split(jax.random.key(0))[0])
-  assert not np.allclose(init.params["head"]["kernel"],
-                         s1.params["head"]["kernel"])
+  init = train_state.init_state(
+    train_state.build_setup(config, one, FakeModel()),
+    jax.random.split(jax.random.key(0))[0],
+  )
+  assert not np.allclose(
+    init.params["head"]["kernel"], s1.params["head"]["kernel"]
+  )
 
 
 def test_frozen_group_bit_identical_and_release_without_retrace():
   config = _config(frozen="^backbone/")
   mesh = sharding.make_mesh([("data", -1)])
-  setup = train.build_setup(config, mesh, model=FakeModel())
+  setup = train_state.build_setup(config, mesh, model=FakeModel())
   assert set(jax.tree.leaves(setup.labels)) == {"head", "frozen"}
-  state = train.init_state(setup, jax.random.key(1))
+  state = train_state.init_state(setup, jax.random.key(1))
   before = jax.tree.map(np.asarray, state.params)
   step = train.jit_train_step(setup, mesh, jax.random.key(2))
   plateau = optim.init_plateau(setup.plateau)
-  state = train.set_learning_rates(state, setup, plateau)
+  state = train_state.set_learning_rates(state, setup, plateau)
   batches = list(sharding.prefetch_to_device(_batches(4), mesh))
   for b in batches[:2]:
     state, _ = step(state, b)
-  np.testing.assert_array_equal(state.params["backbone"]["kernel"],
-                                before["backbone"]["kernel"])
-  assert not np.allclose(state.params["head"]["kernel"],
-                         before["head"]["kernel"])
+  np.testing.assert_array_equal(
+    state.params["backbone"]["kernel"], before["backbone"]["kernel"]
+  )
+  assert not np.allclose(
+    state.params["head"]["kernel"], before["head"]["kernel"]
+  )
   # New lr values and a fresh optimiser state: still one trace (the step is
   # wrapped in train.trace_once, which would raise).
-  state = train.reset_optimizer(state, setup)
-  state = state.replace(opt_state=optim.set_learning_rates(
-      state.opt_state, {"head": 1e-3, "frozen": 0.0}))
+  state = train_state.reset_optimizer(state, setup)
+  state = state.replace(
+    opt_state=optim.set_learning_rates(
+      state.opt_state, {"head": 1e-3, "frozen": 0.0}
+    )
+  )
   for b in batches[2:]:
     state, _ = step(state, b)
-  np.testing.assert_array_equal(state.params["backbone"]["kernel"],
-                                before["backbone"]["kernel"])
-  assert optim.learning_rates_of(state.opt_state)["head"] == pytest.approx(
-      1e-3)
+  np.testing.assert_array_equal(
+    state.params["backbone"]["kernel"], before["backbone"]["kernel"]
+  )
+  assert optim.learning_rates_of(state.opt_state)["head"] == pytest.approx(1e-3)
 
 
 def test_reset_optimizer_zeroes_moments():
@@ -135,7 +149,7 @@ def test_reset_optimizer_zeroes_moments():
   setup, state, _ = _train(mesh, config, _batches(2))
   head = state.opt_state.inner_states["head"].inner_state
   assert int(head.count) == 2
-  state = train.reset_optimizer(state, setup)
+  state = train_state.reset_optimizer(state, setup)
   head = state.opt_state.inner_states["head"].inner_state
   assert int(head.count) == 0
   for leaf in jax.tree.leaves(head.inner_state):
@@ -145,13 +159,14 @@ def test_reset_optimizer_zeroes_moments():
 def test_predict_fn_and_eval_step_on_eight_devices():
   config = _config()
   mesh = sharding.make_mesh([("data", -1)])
-  setup = train.build_setup(config, mesh, model=FakeModel())
-  state = train.init_state(setup, jax.random.key(0))
-  predict = train.make_predict_fn(train.jit_eval_step(setup, mesh), state,
-                                  mesh, ["embeddings"])
+  setup = train_state.build_setup(config, mesh, model=FakeModel())
+  state = train_state.init_state(setup, jax.random.key(0))
+  predict = train.make_predict_fn(
+    train.jit_eval_step(setup, mesh), state, mesh, ["embeddings"]
+  )
   batch = _batches(1, batch_size=16)[0]
   out = predict(batch)
-  want = FakeModel().apply(train._weights(state), batch, train=False)
+  want = FakeModel().apply(train_state.weights(state), batch, train=False)
   assert out.shape == (16, T, 2) and isinstance(out, np.ndarray)
   np.testing.assert_allclose(out, np.asarray(want), rtol=1e-5, atol=1e-6)
 
