@@ -44,7 +44,7 @@ from PIL import Image, ImageDraw
 # valence is mostly visible, arousal is half visible and mostly audible.
 _FACE_VALENCE = 0.85
 _FACE_AROUSAL = 0.5
-_VOICE_AROUSAL = 0.8
+_VOICE_AROUSAL = 0.65
 TEST_LIST = "va_test_set.txt"
 SUMMARY = "synthetic.json"
 CROP_SIZE = 112  # Aff-Wild2 cropped_aligned images are 112x112.
