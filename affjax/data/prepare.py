@@ -1,0 +1,140 @@
+"""Makes a config's data ready: raw dataset -> feature cache -> TFDS dataset.
+
+Every stage is idempotent, so `prepare` is cheap once done and resumes an
+interrupted run:
+
+1. raw data: for `data.name == 'synthetic'` the embedded generator writes
+   it (`affjax.data.synthetic.generate`; a no-op when it already exists with
+   the same settings). For 'affwild2' it must exist.
+2. cache: `affjax.data.preprocess.run.preprocess` (finished trials skipped).
+3. TFDS: `affjax.data.affwild2.build` (skipped when the cache is unchanged).
+
+Options (all optional):
+  config.data.synthetic: generator arguments (`synthetic.generate`); keys
+    naming `PreprocessSettings` fields, `num_workers` or `test_list` are
+    passed to preprocessing instead.
+  config.data.preprocess: `PreprocessSettings` fields, `num_workers`,
+    `test_list`.
+Empty `raw_dir`/`cache_dir`/`tfds_dir` mean `<workdir>/data/{raw,cache,tfds}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import os
+from typing import Any
+
+_RUN_OPTIONS = ("num_workers", "test_list")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPaths:
+  """Where a config's data lives (absolute paths)."""
+  raw_dir: str
+  cache_dir: str
+  tfds_dir: str
+
+
+def resolve_paths(data_config: Any, workdir: str) -> DataPaths:
+  """Config paths, '' replaced by `<workdir>/data/{raw,cache,tfds}`."""
+  def pick(key, default):
+    value = data_config.get(key, "") or os.path.join(workdir, "data", default)
+    return os.path.abspath(os.path.expanduser(value))
+  return DataPaths(pick("raw_dir", "raw"), pick("cache_dir", "cache"),
+                   pick("tfds_dir", "tfds"))
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+  if value is None:
+    return {}
+  return dict(value.to_dict() if hasattr(value, "to_dict") else value)
+
+
+def _split_options(data_config: Any) -> tuple[dict, dict, dict]:
+  """(generator kwargs, PreprocessSettings kwargs, preprocess() kwargs)."""
+  from affjax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from affjax.data.preprocess import cache  # pylint: disable=g-import-not-at-top
+  settings_keys = {f.name for f in dataclasses.fields(cache.PreprocessSettings)}
+  gen_keys = set(inspect.signature(synthetic.generate).parameters) - {
+      "out_dir"}
+  gen, settings, run = {}, {}, {}
+  sources = [("config.data.preprocess",
+              _as_dict(data_config.get("preprocess", None)))]
+  if data_config.name == "synthetic":
+    sources.insert(0, ("config.data.synthetic",
+                       _as_dict(data_config.get("synthetic", None))))
+  for where, options in sources:
+    for key, value in options.items():
+      if isinstance(value, list):
+        value = tuple(value)
+      if key in settings_keys:
+        settings[key] = value
+      elif key in _RUN_OPTIONS:
+        run[key] = value or None
+      elif key in gen_keys and where == "config.data.synthetic":
+        gen[key] = value
+      else:
+        allowed = sorted(settings_keys | set(_RUN_OPTIONS)
+                         | (gen_keys if "synthetic" in where else set()))
+        raise ValueError(f"{where}.{key}: unknown option; allowed: "
+                         f"{allowed}")
+  return gen, settings, run
+
+
+def _preprocess(paths: DataPaths, settings: dict[str, Any],
+                run: dict[str, Any]) -> None:
+  from affjax.data.preprocess import cache  # pylint: disable=g-import-not-at-top
+  from affjax.data.preprocess import run as run_lib  # pylint: disable=g-import-not-at-top
+  manifest = run_lib.preprocess(
+      paths.raw_dir, paths.cache_dir, cache.PreprocessSettings(**settings),
+      num_workers=int(run.get("num_workers") or 1),
+      test_list=run.get("test_list"))
+  logging.info("Cache %s: %d trials (%d skipped).", paths.cache_dir,
+               len(manifest["trials"]), len(manifest.get("skipped", {})))
+
+
+def _has_cache(cache_dir: str) -> bool:
+  return os.path.isfile(os.path.join(cache_dir, "manifest.json"))
+
+
+def prepare(data_config: Any, workdir: str) -> DataPaths:
+  """Generates/preprocesses/builds what `data_config` needs; returns paths.
+
+  Args:
+    data_config: `config.data`.
+    workdir: the run's directory (default location of the data).
+
+  Raises:
+    FileNotFoundError: affwild2 raw data missing (naming the config key and
+      path) and no cache to fall back on.
+    ValueError: unknown data name or option; errors of the stages.
+  """
+  from affjax.data import affwild2  # pylint: disable=g-import-not-at-top
+  paths = resolve_paths(data_config, workdir)
+  gen, settings, run = _split_options(data_config)
+  if data_config.name == "synthetic":
+    from affjax.data import synthetic  # pylint: disable=g-import-not-at-top
+    synthetic.generate(paths.raw_dir, **gen)
+    _preprocess(paths, settings, run)
+  elif data_config.name == "affwild2":
+    raw_given = bool(data_config.get("raw_dir", ""))
+    if os.path.isdir(paths.raw_dir):
+      _preprocess(paths, settings, run)
+    elif raw_given or not _has_cache(paths.cache_dir):
+      raise FileNotFoundError(
+          f"config.data.raw_dir={paths.raw_dir!r} does not exist"
+          + ("" if raw_given else
+             f" and config.data.cache_dir={paths.cache_dir!r} holds no "
+             "manifest.json")
+          + ": point config.data.raw_dir at the Aff-Wild2 layout "
+          "(annotations/VA_Set, cropped_aligned, videos)")
+    else:
+      logging.info("No raw data at %s; using the cache %s as is.",
+                   paths.raw_dir, paths.cache_dir)
+  else:
+    raise ValueError(f"config.data.name must be 'synthetic' or 'affwild2', "
+                     f"got {data_config.name!r}")
+  affwild2.build(paths.cache_dir, paths.tfds_dir)
+  return paths
