@@ -213,3 +213,33 @@ def test_cli_reports_errors_and_builds(raw, tmp_path, capsys):
   manifest = cache.read_json(os.path.join(out, cache.MANIFEST))
   assert list(manifest["trials"]) == [name]
   assert manifest["settings"]["vggish_hop_seconds"] == 0.96
+
+
+def test_worker_errors_name_the_trial(raw, tmp_path):
+  """A feature error inside a spawn worker surfaces with trial and video."""
+  name, _, video = _trial(raw, "validation")
+  with av.open(video) as src:
+    n = src.streams.video[0].frames
+  rate = 16000
+  with av.open(video, "w") as c:  # full-length video, 0.5 s of audio
+    vs = c.add_stream("libx264", rate=25)
+    vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+    aus = c.add_stream("aac", rate=rate, layout="mono")
+    tone = np.sin(np.arange(rate // 2) * 0.1).astype(np.float32)
+    af = av.AudioFrame.from_ndarray(tone[None], format="fltp", layout="mono")
+    af.sample_rate, af.pts = rate, 0
+    for p in aus.encode(af):
+      c.mux(p)
+    for i in range(n):
+      frame = av.VideoFrame.from_ndarray(
+        np.full((48, 64, 3), i % 200, np.uint8), format="rgb24"
+      )
+      for p in vs.encode(frame):
+        c.mux(p)
+    for s in (vs, aus):
+      for p in s.encode():
+        c.mux(p)
+  with pytest.raises(ValueError, match=f"trial {name} \\({re.escape(video)}"):
+    _preprocess(raw, tmp_path, num_workers=2)
+  # The other trials may or may not have finished; the broken one never did.
+  assert not os.path.exists(cache.trial_dir(str(tmp_path / "cache"), name))

@@ -194,4 +194,21 @@ def test_other_seed_differs_and_bad_targets(tmp_path):
   with pytest.raises(ValueError, match="num_trials"):
     synthetic.generate(str(tmp_path / "few"), **{**_ARGS, "num_trials": 2})
   assert not os.path.exists(tmp_path / "few")
+  with pytest.raises(ValueError, match="min_seconds <= max_seconds"):
+    synthetic.generate(str(tmp_path / "x"), min_seconds=3, max_seconds=2)
   assert not [n for n in os.listdir(tmp_path) if n.startswith(".synthetic-")]
+
+
+def test_command_line(tmp_path, capsys):
+  out = str(tmp_path / "cli")
+  synthetic.main(
+    [f"--out={out}", "--num_trials=3", "--min_seconds=1", "--max_seconds=1.5"]
+  )
+  assert "3 trials" in capsys.readouterr().out
+  trials = _summary(out)
+  assert sorted(i["partition"] for i in trials.values()) == [
+    "test",
+    "train",
+    "validation",
+  ]
+  assert all(25 <= i["n_frames"] <= 1.5 * 30 for i in trials.values())

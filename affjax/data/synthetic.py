@@ -387,6 +387,10 @@ def generate(
     "audio_rate": audio_rate,
     "crf": crf,
   }
+  if not 0 < min_seconds <= max_seconds:
+    raise ValueError(
+      f"need 0 < min_seconds <= max_seconds, got {min_seconds}, {max_seconds}"
+    )
   out_dir = os.path.abspath(out_dir)
   summary_path = os.path.join(out_dir, SUMMARY)
   if os.path.isfile(summary_path):
@@ -476,3 +480,28 @@ def _generate_into(out_dir: str, args: dict[str, Any]) -> None:
     f.write("".join(name + "\n" for name in test_names))
   with open(os.path.join(out_dir, SUMMARY), "w") as f:
     json.dump({"arguments": args, "trials": trials}, f, indent=1)
+
+
+def main(argv: list[str] | None = None) -> None:
+  """`python -m affjax.data.synthetic --out=DIR [--num_trials=N --seed=S]`."""
+  import argparse  # pylint: disable=g-import-not-at-top
+
+  parser = argparse.ArgumentParser(prog="python -m affjax.data.synthetic")
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--num_trials", type=int, default=14)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--min_seconds", type=float, default=20.0)
+  parser.add_argument("--max_seconds", type=float, default=40.0)
+  args = parser.parse_args(argv)
+  generate(
+    args.out,
+    num_trials=args.num_trials,
+    seed=args.seed,
+    min_seconds=args.min_seconds,
+    max_seconds=args.max_seconds,
+  )
+  print(f"synthetic Aff-Wild2 ({args.num_trials} trials) in {args.out}")
+
+
+if __name__ == "__main__":
+  main()
