@@ -152,3 +152,52 @@ def test_missing_pieces_are_named(tmp_path):
     affwild2.build(cache, str(tmp_path / "tfds"))
   with pytest.raises(FileNotFoundError, match="no aff_wild2 dataset"):
     affwild2.read_metadata(str(tmp_path / "tfds"))
+
+
+def test_synthetic_end_to_end_round_trip(tmp_path):
+  """Generator -> preprocessing -> TFDS -> windows -> stitch == annotations."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from affjax.data import pipeline, prepare, stitch  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict(dict(
+      name="synthetic", raw_dir="", cache_dir="", tfds_dir="", fold=0,
+      window_length=32, hop_length=16, emotions=("valence", "arousal"),
+      features=("frames", "vggish", "mfcc", "egemaps"), crop_size=40,
+      time_delay=0, synthetic=dict(num_trials=4, seed=1, min_seconds=2.0,
+                                   max_seconds=3.0, vggish_model="tiny")))
+  paths = prepare.prepare(c, str(tmp_path))
+  assert paths.raw_dir == str(tmp_path / "data" / "raw")
+  stamp = os.stat(os.path.join(affwild2.dataset_dir(paths.tfds_dir),
+                               "dataset_info.json")).st_mtime_ns
+  assert prepare.prepare(c, str(tmp_path)) == paths  # everything skipped
+  assert os.stat(os.path.join(affwild2.dataset_dir(paths.tfds_dir),
+                              "dataset_info.json")).st_mtime_ns == stamp
+  checked = 0
+  for name, part_dir in (("train", "Train_Set"),
+                         ("validation", "Validation_Set")):
+    split = pipeline.load_split(c, paths, name)
+    assert split.trial_names
+    batches = list(pipeline.eval_batches(c, paths, name, batch_size=4))
+    for b in batches:
+      assert b["frames"].shape == (4, 32, 40, 40, 3)
+      assert b["mfcc"].shape == (4, 32, 39)
+      assert b["egemaps"].shape == (4, 32, 23)
+      assert b["vggish"].shape == (4, 32, 128)
+    cat = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    labels = stitch.stitch_windows(cat["label"], cat["trial"],
+                                   cat["frame_index"], split.trial_lengths)
+    masks = stitch.stitch_windows(cat["mask"][..., None].astype(float),
+                                  cat["trial"], cat["frame_index"],
+                                  split.trial_lengths)
+    for i, trial in enumerate(split.trial_names):
+      ann = np.loadtxt(os.path.join(paths.raw_dir, "annotations", "VA_Set",
+                                    part_dir, trial + ".txt"),
+                       delimiter=",", skiprows=1, dtype=np.float32)
+      n = split.trial_lengths[i]
+      assert abs(len(ann) - n) <= 2  # preprocessing's alignment tolerance
+      m = min(len(ann), n)
+      valid = np.all(ann[:m] != -5, 1)
+      np.testing.assert_array_equal(masks[i][:m, 0], valid.astype(float))
+      np.testing.assert_array_equal(labels[i][:m][valid], ann[:m][valid])
+      checked += int(valid.sum())
+  assert checked > 100
+  assert pipeline.load_split(c, paths, "test").trial_names

@@ -7,6 +7,8 @@ interrupted run:
    it (`affjax.data.synthetic.generate`; a no-op when it already exists with
    the same settings). For 'affwild2' it must exist.
 2. cache: `affjax.data.preprocess.run.preprocess` (finished trials skipped).
+   Stages 1-2 run in a child Python (openSMILE crashes in a process that
+   imported TensorFlow first).
 3. TFDS: `affjax.data.affwild2.build` (skipped when the cache is unchanged).
 
 Options (all optional):
@@ -22,8 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import logging
 import os
+import subprocess
+import sys
+import tempfile
 from typing import Any
 
 _RUN_OPTIONS = ("num_workers", "test_list")
@@ -83,16 +89,66 @@ def _split_options(data_config: Any) -> tuple[dict, dict, dict]:
   return gen, settings, run
 
 
-def _preprocess(paths: DataPaths, settings: dict[str, Any],
-                run: dict[str, Any]) -> None:
+def _run_stages(job: dict[str, Any]) -> None:
+  """Generation (optional) and preprocessing; runs in a fresh interpreter."""
   from affjax.data.preprocess import cache  # pylint: disable=g-import-not-at-top
   from affjax.data.preprocess import run as run_lib  # pylint: disable=g-import-not-at-top
+  if job["generate"] is not None:
+    from affjax.data import synthetic  # pylint: disable=g-import-not-at-top
+    synthetic.generate(job["raw_dir"], **job["generate"])
   manifest = run_lib.preprocess(
-      paths.raw_dir, paths.cache_dir, cache.PreprocessSettings(**settings),
-      num_workers=int(run.get("num_workers") or 1),
-      test_list=run.get("test_list"))
-  logging.info("Cache %s: %d trials (%d skipped).", paths.cache_dir,
+      job["raw_dir"], job["cache_dir"],
+      cache.PreprocessSettings(**job["settings"]),
+      num_workers=int(job["num_workers"] or 1), test_list=job["test_list"])
+  logging.info("Cache %s: %d trials (%d skipped).", job["cache_dir"],
                len(manifest["trials"]), len(manifest.get("skipped", {})))
+
+
+_ERRORS = {e.__name__: e for e in (FileNotFoundError, ValueError, OSError,
+                                   RuntimeError)}
+
+
+def _run_stages_in_subprocess(job: dict[str, Any]) -> None:
+  """Runs `_run_stages` in a child Python and re-raises its error here.
+
+  openSMILE aborts the process (`malloc(): invalid size`) when TensorFlow
+  was imported before it, and the training process has TensorFlow loaded,
+  so the audio features are always computed in a fresh interpreter.
+  """
+  with tempfile.TemporaryDirectory(prefix="affjax-prepare-") as tmp:
+    job_path = os.path.join(tmp, "job.json")
+    error_path = os.path.join(tmp, "error.json")
+    with open(job_path, "w") as f:
+      json.dump(job, f)
+    # The child must import this same affjax, installed or not.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(
+        [sys.executable, "-m", "affjax.data.prepare", job_path, error_path],
+        check=False, env=env)
+    if os.path.isfile(error_path):
+      with open(error_path) as f:
+        err = json.load(f)
+      raise _ERRORS.get(err["type"], RuntimeError)(err["message"])
+    if proc.returncode:
+      raise RuntimeError(f"data preparation of {job['cache_dir']} failed "
+                         f"(exit code {proc.returncode}); see its log above")
+
+
+def _child_main(job_path: str, error_path: str) -> int:
+  with open(job_path) as f:
+    job = json.load(f)
+  logging.basicConfig(level=logging.INFO)
+  try:
+    _run_stages(job)
+  except Exception as e:  # pylint: disable=broad-except
+    with open(error_path, "w") as f:
+      json.dump({"type": type(e).__name__, "message": str(e)}, f)
+    return 1
+  return 0
 
 
 def _has_cache(cache_dir: str) -> bool:
@@ -113,15 +169,20 @@ def prepare(data_config: Any, workdir: str) -> DataPaths:
   """
   from affjax.data import affwild2  # pylint: disable=g-import-not-at-top
   paths = resolve_paths(data_config, workdir)
+  if data_config.name not in ("synthetic", "affwild2"):
+    raise ValueError(f"config.data.name must be 'synthetic' or 'affwild2', "
+                     f"got {data_config.name!r}")
   gen, settings, run = _split_options(data_config)
+  job = {"generate": None, "raw_dir": paths.raw_dir,
+         "cache_dir": paths.cache_dir, "settings": settings,
+         "num_workers": run.get("num_workers"),
+         "test_list": run.get("test_list")}
   if data_config.name == "synthetic":
-    from affjax.data import synthetic  # pylint: disable=g-import-not-at-top
-    synthetic.generate(paths.raw_dir, **gen)
-    _preprocess(paths, settings, run)
-  elif data_config.name == "affwild2":
+    _run_stages_in_subprocess(dict(job, generate=gen))
+  else:
     raw_given = bool(data_config.get("raw_dir", ""))
     if os.path.isdir(paths.raw_dir):
-      _preprocess(paths, settings, run)
+      _run_stages_in_subprocess(job)
     elif raw_given or not _has_cache(paths.cache_dir):
       raise FileNotFoundError(
           f"config.data.raw_dir={paths.raw_dir!r} does not exist"
@@ -133,8 +194,9 @@ def prepare(data_config: Any, workdir: str) -> DataPaths:
     else:
       logging.info("No raw data at %s; using the cache %s as is.",
                    paths.raw_dir, paths.cache_dir)
-  else:
-    raise ValueError(f"config.data.name must be 'synthetic' or 'affwild2', "
-                     f"got {data_config.name!r}")
   affwild2.build(paths.cache_dir, paths.tfds_dir)
   return paths
+
+
+if __name__ == "__main__":
+  sys.exit(_child_main(*sys.argv[1:3]))
