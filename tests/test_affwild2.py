@@ -7,11 +7,12 @@ numpy (no preprocessing), and is shared with tests/test_pipeline.py.
 import json
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from affjax.data import affwild2
+from affjax.data import affwild2, pipeline, prepare, stitch
 
 DIMS = {"mfcc": 39, "egemaps": 23, "vggish": 128}
 
@@ -156,14 +157,14 @@ def test_missing_pieces_are_named(tmp_path):
 
 def test_synthetic_end_to_end_round_trip(tmp_path):
   """Generator -> preprocessing -> TFDS -> windows -> stitch == annotations."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from affjax.data import pipeline, prepare, stitch  # pylint: disable=g-import-not-at-top
-  c = ml_collections.ConfigDict(dict(
-      name="synthetic", raw_dir="", cache_dir="", tfds_dir="", fold=0,
-      window_length=32, hop_length=16, emotions=("valence", "arousal"),
-      features=("frames", "vggish", "mfcc", "egemaps"), crop_size=40,
-      time_delay=0, synthetic=dict(num_trials=4, seed=1, min_seconds=2.0,
-                                   max_seconds=3.0, vggish_model="tiny")))
+  c = ml_collections.ConfigDict({
+      "name": "synthetic", "raw_dir": "", "cache_dir": "", "tfds_dir": "",
+      "fold": 0, "window_length": 32, "hop_length": 16,
+      "emotions": ("valence", "arousal"),
+      "features": ("frames", "vggish", "mfcc", "egemaps"), "crop_size": 40,
+      "time_delay": 0,
+      "synthetic": {"num_trials": 4, "seed": 1, "min_seconds": 2.0,
+                    "max_seconds": 3.0, "vggish_model": "tiny"}})
   paths = prepare.prepare(c, str(tmp_path))
   assert paths.raw_dir == str(tmp_path / "data" / "raw")
   stamp = os.stat(os.path.join(affwild2.dataset_dir(paths.tfds_dir),

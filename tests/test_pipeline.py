@@ -10,22 +10,19 @@ import os
 import ml_collections
 import numpy as np
 import pytest
-
-from affjax.data import affwild2
-from affjax.data import folds
-from affjax.data import pipeline
-from affjax.data import prepare
-from affjax.data import stitch
 from test_affwild2 import SPEC, write_tiny_cache
+
+from affjax.data import affwild2, folds, pipeline, prepare, stitch
 
 W, H = 10, 6  # t_b (9 frames) and v_b (8) are shorter than a window
 
 
 def cfg(**overrides):
-  base = dict(name="affwild2", fold=0, window_length=W, hop_length=H,
-              emotions=("valence", "arousal"),
-              features=("frames", "vggish", "mfcc", "egemaps"), crop_size=40,
-              time_delay=0, raw_dir="", cache_dir="", tfds_dir="")
+  base = {"name": "affwild2", "fold": 0, "window_length": W,
+          "hop_length": H, "emotions": ("valence", "arousal"),
+          "features": ("frames", "vggish", "mfcc", "egemaps"),
+          "crop_size": 40, "time_delay": 0, "raw_dir": "", "cache_dir": "",
+          "tfds_dir": ""}
   base.update(overrides)
   return ml_collections.ConfigDict(base)
 
@@ -198,7 +195,7 @@ def test_train_batches_content_and_determinism(data):
   split = pipeline.load_split(c, paths, "train")
   assert split.num_windows == sum(
       stitch.num_windows(n, W, H) for n in split.trial_lengths) == 21
-  args = dict(batch_size=4, epoch=0, seed=7)
+  args = {"batch_size": 4, "epoch": 0, "seed": 7}
   a = list(pipeline.train_batches(c, paths, "train", **args))
   assert len(a) == 21 // 4
   keys = _window_keys(a)

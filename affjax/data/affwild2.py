@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from affjax.data import folds
 
@@ -154,7 +154,7 @@ class AffWild2(tfds.core.GeneratorBasedBuilder):
   """Aff-Wild2 (or the synthetic stand-in) from a feature cache."""
 
   VERSION = tfds.core.Version(DATASET_VERSION)
-  RELEASE_NOTES = {
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {
       DATASET_VERSION: "One example per trial; CV chunks as splits."}
 
   def __init__(self, *, cache_dir: str, **kwargs):
@@ -165,7 +165,7 @@ class AffWild2(tfds.core.GeneratorBasedBuilder):
     super().__init__(**kwargs)
 
   def _array_shapes(self) -> dict[str, tuple[int, ...]]:
-    first = sorted(self._scan["trials"])[0]
+    first = min(self._scan["trials"])
     d = _trial_dir(self._cache_dir, first)
     names = ["frames", *AUDIO_FEATURES]
     if self._scan["embeddings"]:

@@ -57,9 +57,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from affjax.data import affwild2
-from affjax.data import folds
-from affjax.data import stitch
+from affjax.data import affwild2, folds, stitch
 
 EMOTION_COLUMNS = {"valence": 0, "arousal": 1}
 VISUAL = ("frames", "embeddings")

@@ -18,6 +18,9 @@ Options (all optional):
   config.data.preprocess: `PreprocessSettings` fields, `num_workers`,
     `test_list`.
 Empty `raw_dir`/`cache_dir`/`tfds_dir` mean `<workdir>/data/{raw,cache,tfds}`.
+
+The stages' modules are imported inside the functions: importing this module
+stays cheap, and TensorFlow is only loaded when the TFDS stage runs.
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import logging
 import os
 import subprocess
 import sys
 import tempfile
 from typing import Any
+
+from absl import logging
 
 _RUN_OPTIONS = ("num_workers", "test_list")
 
@@ -61,8 +65,9 @@ def _as_dict(value: Any) -> dict[str, Any]:
 def _split_options(data_config: Any) -> tuple[dict, dict, dict]:
   """(generator kwargs, PreprocessSettings kwargs, preprocess() kwargs)."""
   from affjax.data import synthetic  # pylint: disable=g-import-not-at-top
-  from affjax.data.preprocess import cache  # pylint: disable=g-import-not-at-top
-  settings_keys = {f.name for f in dataclasses.fields(cache.PreprocessSettings)}
+  from affjax.data.preprocess import cache
+  settings_keys = {
+      f.name for f in dataclasses.fields(cache.PreprocessSettings)}
   gen_keys = set(inspect.signature(synthetic.generate).parameters) - {
       "out_dir"}
   gen, settings, run = {}, {}, {}
@@ -91,8 +96,8 @@ def _split_options(data_config: Any) -> tuple[dict, dict, dict]:
 
 def _run_stages(job: dict[str, Any]) -> None:
   """Generation (optional) and preprocessing; runs in a fresh interpreter."""
-  from affjax.data.preprocess import cache  # pylint: disable=g-import-not-at-top
-  from affjax.data.preprocess import run as run_lib  # pylint: disable=g-import-not-at-top
+  from affjax.data.preprocess import cache
+  from affjax.data.preprocess import run as run_lib
   if job["generate"] is not None:
     from affjax.data import synthetic  # pylint: disable=g-import-not-at-top
     synthetic.generate(job["raw_dir"], **job["generate"])
@@ -141,10 +146,10 @@ def _run_stages_in_subprocess(job: dict[str, Any]) -> None:
 def _child_main(job_path: str, error_path: str) -> int:
   with open(job_path) as f:
     job = json.load(f)
-  logging.basicConfig(level=logging.INFO)
+  logging.set_verbosity(logging.INFO)
   try:
     _run_stages(job)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:  # noqa: BLE001  (re-raised in the parent)
     with open(error_path, "w") as f:
       json.dump({"type": type(e).__name__, "message": str(e)}, f)
     return 1
