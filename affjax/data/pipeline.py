@@ -284,15 +284,23 @@ def contiguous_assignment(windows: Sequence[int],
 
 def _read_trials(builder, meta: dict[str, Any], names: Sequence[str],
                  keep: Sequence[str]) -> tf.data.Dataset:
-  """The trials `names`, in this order, each read alone from its split."""
-  parts = []
+  """The trials `names`, in this order, reading only their own records.
+
+  Runs of consecutive examples of one split become one read instruction
+  (`chunk3[4:9]`); only the features in `keep` (plus labels and the trial
+  name) are decoded.
+  """
+  runs: list[list[Any]] = []
   for n in names:
     t = meta["trials"][n]
-    parts.append(f"{t['split']}[{t['index']}:{t['index'] + 1}]")
-  skip = {k: tfds.decode.SkipDecoding() for k in builder.info.features
-          if k not in keep and k not in ("trial", "labels")}
+    if runs and runs[-1][0] == t["split"] and runs[-1][2] == t["index"]:
+      runs[-1][2] += 1
+    else:
+      runs.append([t["split"], t["index"], t["index"] + 1])
+  wanted = {k: True for k in (*keep, "labels", "trial")}
   return builder.as_dataset(
-      split="+".join(parts), shuffle_files=False, decoders=skip,
+      split="+".join(f"{s}[{a}:{b}]" for s, a, b in runs),
+      shuffle_files=False, decoders=tfds.decode.PartialDecoding(wanted),
       read_config=tfds.ReadConfig(try_autocache=False,
                                   interleave_cycle_length=1))
 
