@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from affjax import opensmile_preload
+
 # openSMILE's MFCC/eGeMAPS frame step (s).
 LLD_STEP_SECONDS = 0.01
 # Largest audio-shorter-than-video gap handled by repeating the last row.
@@ -166,6 +168,7 @@ def _to_int16_range(wave: np.ndarray) -> np.ndarray:
 
 @functools.cache
 def _smile(feature_set: str, level: str) -> Any:
+  opensmile_preload.ensure_safe()
   import opensmile  # pylint: disable=g-import-not-at-top
   with warnings.catch_warnings():
     # eGeMAPSv01a is deprecated upstream but is the reference's feature set.
