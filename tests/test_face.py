@@ -47,13 +47,13 @@ def synthetic_video(tmp_path_factory):
   # The generator leaves out the crop where the face is absent (runs of
   # >= 10 frames) and, at random, in 2% of single frames where it is drawn.
   absent = _missing_runs(has_crop, 3)
-  return dict(
-    frames=frames,
-    reference=reference,
-    has_crop=has_crop,
-    absent=absent,
-    detections=detections,
-  )
+  return {
+    "frames": frames,
+    "reference": reference,
+    "has_crop": has_crop,
+    "absent": absent,
+    "detections": detections,
+  }
 
 
 def test_detector_finds_drawn_faces_and_nothing_else(synthetic_video):

@@ -13,15 +13,9 @@ video has none, so `affjax.predict` finds the face itself:
   as the feature cache was (112x112 bilinear, then 48x48 bicubic).
 """
 
-from affjax.face.crop import CROP_SCALE
-from affjax.face.crop import CROP_Y_SHIFT
-from affjax.face.crop import crop_face
-from affjax.face.crop import square_box
-from affjax.face.detector import Detections
-from affjax.face.detector import DetectorSettings
-from affjax.face.detector import HaarFaceDetector
-from affjax.face.tracking import TrackSettings
-from affjax.face.tracking import track_faces
+from affjax.face.crop import CROP_SCALE, CROP_Y_SHIFT, crop_face, square_box
+from affjax.face.detector import Detections, DetectorSettings, HaarFaceDetector
+from affjax.face.tracking import TrackSettings, track_faces
 
 __all__ = [
   "CROP_SCALE",

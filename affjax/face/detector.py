@@ -68,7 +68,7 @@ class Detections:
   scores: np.ndarray
 
   @classmethod
-  def empty(cls) -> "Detections":
+  def empty(cls) -> Detections:
     return cls(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32))
 
   def __len__(self) -> int:
