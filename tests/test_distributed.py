@@ -1,11 +1,13 @@
-"""Tests for `affjax.distributed`: settings validation and a real 2-process run.
+"""Tests for `affjax.distributed`: settings validation and real 2-process runs.
 
-The multi-process test starts two Python processes on localhost (CPU, 4 fake
+The multi-process tests start two Python processes on localhost (CPU, 4 fake
 devices each, coordinator on 127.0.0.1) that join one 8-device mesh through
-`maybe_initialize`, each feeding only its half of every batch, and checks the
-trained parameters equal those of the same steps on 8 devices in this one
-process. This file is also the worker program (`python tests/test_distributed.py
---worker ...`), so the two paths share the step code.
+`maybe_initialize`, each feeding only its half of every batch, and check that
+the trained state equals that of the same steps on 8 devices in this one
+process: first for a tiny MLP, then for `configs/test.py` (the real model,
+`affjax.train`'s step and the synthetic data pipeline, where each process
+reads its own trials). This file is also the worker program (`python
+tests/test_distributed.py --worker ...`), so both sides share the step code.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +39,8 @@ STEPS = 6
 MAX_IN_FLIGHT = 4           # bounded dispatch: deps_notes.md section b
 IN_DIM, HIDDEN, OUT_DIM = 5, 8, 3
 WORKER_TIMEOUT_S = 75
+REAL_EPOCHS = 2             # a few steps each on the test data
+REAL_TIMEOUT_S = 300        # compiling the real model on 2 busy cores
 
 
 # --------------------------------------------------------------------------
@@ -187,6 +192,60 @@ def _train(mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
   return {k: np.asarray(v.addressable_data(0)) for k, v in params.items()}
 
 
+# --------------------------------------------------------------------------
+# The real model: `configs/test.py` (tiny IResNet + TCNs + leader-follower
+# fusion, masked CCC loss, Adam), batches from the synthetic data pipeline.
+
+
+def _real_config(data_root: str):
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+
+  config = test_config.get_config()
+  config.unlock()
+  for key in ("raw", "cache", "tfds"):
+    config.data[f"{key}_dir"] = os.path.join(data_root, key)
+  return config.lock()
+
+
+def _train_real(mesh, data_root: str, shards: list[int], num_shards: int
+                ) -> dict[str, np.ndarray]:
+  """REAL_EPOCHS epochs of `affjax.train`'s jitted step on `mesh`.
+
+  Each step's batch holds the rows that processes `shards` (of `num_shards`)
+  read: a worker passes its own index, the single-process reference all of
+  them, so both runs see the same global batches in the same row order.
+  """
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+
+  from affjax import train, train_state  # pylint: disable=g-import-not-at-top
+  from affjax.data import pipeline, prepare  # pylint: disable=g-import-not-at-top
+
+  config = _real_config(data_root)
+  paths = prepare.DataPaths(config.data.raw_dir, config.data.cache_dir,
+                            config.data.tfds_dir)
+  setup = train_state.build_setup(config, mesh)
+  init_key, loop_key = jax.random.split(jax.random.key(config.seed))
+  state = train_state.init_state(setup, init_key)
+  step = train.jit_train_step(setup, mesh, loop_key)
+  per_shard = config.train.batch_size // num_shards
+  in_flight = collections.deque()
+  for epoch in range(REAL_EPOCHS):
+    parts = [pipeline.train_batches(
+        config.data, paths, "train", batch_size=per_shard, epoch=epoch,
+        seed=config.seed, process_index=i, process_count=num_shards)
+             for i in shards]
+    for rows in zip(*parts, strict=True):
+      batch = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+      state, metrics = step(state, sharding.global_batch(batch, mesh))
+      in_flight.append(metrics)
+      if len(in_flight) > MAX_IN_FLIGHT:
+        jax.block_until_ready(in_flight.popleft())
+  trees = {"params": state.params, "batch_stats": state.batch_stats,
+           "step": {"step": state.step}}
+  flat = traverse_util.flatten_dict(trees, sep="/")
+  return {k: np.asarray(v.addressable_data(0)) for k, v in flat.items()}
+
+
 def _worker(argv: list[str]) -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--worker", action="store_true")
@@ -194,12 +253,18 @@ def _worker(argv: list[str]) -> None:
   parser.add_argument("--num_processes", type=int, required=True)
   parser.add_argument("--port", type=int, required=True)
   parser.add_argument("--out", required=True)
+  parser.add_argument("--data_root", default="",
+                      help="train configs/test.py on this data (else the MLP)")
   args = parser.parse_args(argv)
   jax.config.update("jax_num_cpu_devices", 4)
   distributed.maybe_initialize(f"127.0.0.1:{args.port}", args.num_processes,
                                args.process_id, initialization_timeout=60)
   mesh = sharding.make_mesh([("data", -1)])
-  params = _train(mesh)
+  if args.data_root:
+    params = _train_real(mesh, args.data_root, [jax.process_index()],
+                         jax.process_count())
+  else:
+    params = _train(mesh)
   counts = np.array([jax.process_index(), jax.process_count(),
                      jax.local_device_count(), jax.device_count()])
   tmp = f"{args.out}.tmp.npz"
@@ -227,8 +292,13 @@ def _kill(procs) -> None:
 
 
 def run_processes(argvs: list[list[str]], logdir: str,
-                  timeout: float = WORKER_TIMEOUT_S) -> None:
-  """Runs one subprocess per argv; all are killed if any fails or hangs."""
+                  timeout: float = WORKER_TIMEOUT_S,
+                  while_running: Callable[[], Any] | None = None) -> Any:
+  """Runs one subprocess per argv; all are killed if any fails or hangs.
+
+  `while_running()` (if given) is called once the processes have started,
+  in this process, and its result returned.
+  """
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
          "PYTHONPATH": REPO}
   env.pop("XLA_FLAGS", None)
@@ -242,6 +312,7 @@ def run_processes(argvs: list[list[str]], logdir: str,
       procs.append(subprocess.Popen(argv, env=env, stdout=log,
                                     stderr=subprocess.STDOUT, cwd=REPO,
                                     start_new_session=True))
+    result = while_running() if while_running is not None else None
     # Stop at the first failure: the others would wait for it until timeout.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -260,25 +331,66 @@ def run_processes(argvs: list[list[str]], logdir: str,
         text += log.read()[-3000:]
       pytest.fail(f"processes {failed} failed, {hung} hung (timeout "
                   f"{timeout} s):{text}")
+  return result
 
 
-def test_two_processes_match_one_process_on_8_devices():
-  with tempfile.TemporaryDirectory() as tmp:
-    port = _free_port()
-    outs = [os.path.join(tmp, f"out_{i}.npz") for i in range(2)]
-    run_processes(
-        [[sys.executable, os.path.abspath(__file__), "--worker",
-          f"--process_id={i}", "--num_processes=2", f"--port={port}",
-          f"--out={outs[i]}"] for i in range(2)], tmp)
-    results = [dict(np.load(out)) for out in outs]
+def _run_two_workers(tmp: str, *extra: str, timeout: float = WORKER_TIMEOUT_S,
+                     while_running: Callable[[], Any] | None = None):
+  """Runs 2 worker processes (4 CPU devices each).
+
+  Returns:
+    Their results (dicts of arrays) and the result of `while_running()`.
+  """
+  port = _free_port()
+  outs = [os.path.join(tmp, f"out_{i}.npz") for i in range(2)]
+  local = run_processes(
+      [[sys.executable, os.path.abspath(__file__), "--worker",
+        f"--process_id={i}", "--num_processes=2", f"--port={port}",
+        f"--out={outs[i]}", *extra] for i in range(2)], tmp, timeout,
+      while_running)
+  results = [dict(np.load(out)) for out in outs]
   for i, result in enumerate(results):
     np.testing.assert_array_equal(result.pop("counts"), [i, 2, 4, 8])
-  single = _train(sharding.make_mesh([("data", -1)]))
+  return results, local
+
+
+def test_two_processes_match_one_process_on_8_devices(tmp_path):
+  results, single = _run_two_workers(
+      str(tmp_path), while_running=lambda: _train(
+          sharding.make_mesh([("data", -1)])))
   initial = _init_params()
   for name, value in single.items():
     assert not np.allclose(value, initial[name]), name   # it did train
     for result in results:
       np.testing.assert_allclose(result[name], value, rtol=1e-5, atol=1e-6,
+                                 err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def test_data(tmp_path_factory) -> str:
+  """configs/test.py's synthetic data (generated, preprocessed, TFDS)."""
+  from affjax.data import prepare  # pylint: disable=g-import-not-at-top
+
+  root = str(tmp_path_factory.mktemp("real_data"))
+  prepare.prepare(_real_config(root).data, root)
+  return root
+
+
+def test_two_processes_match_one_process_real_config(test_data, tmp_path):
+  """configs/test.py's model and data pipeline: 2 processes x 4 devices.
+
+  Parameters, BatchNorm statistics and the step count must agree with the
+  single-process run; the reference trains here while the workers run.
+  """
+  results, single = _run_two_workers(
+      str(tmp_path), f"--data_root={test_data}", timeout=REAL_TIMEOUT_S,
+      while_running=lambda: _train_real(sharding.make_mesh([("data", -1)]),
+                                        test_data, [0, 1], 2))
+  assert int(single["step/step"]) >= REAL_EPOCHS   # compared below too
+  for result in results:
+    assert sorted(result) == sorted(single)
+    for name, value in single.items():
+      np.testing.assert_allclose(result[name], value, rtol=1e-4, atol=1e-5,
                                  err_msg=name)
 
 
