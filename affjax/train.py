@@ -62,15 +62,30 @@ RESUME_SAFE_KEYS = (
   "eval",
   "mesh",
 )
-# For evaluating a checkpoint only the model and the data layout matter.
+# For evaluating a checkpoint only the model, the data layout and the state's
+# tree structure matter; the optimiser's parameter groups (frozen and release
+# regexes) shape the saved optimiser state, its scalars do not.
 EVAL_SAFE_KEYS = RESUME_SAFE_KEYS + (
-  "optim",
   "train",
   "seed",
   "data.synthetic",
   "model.backbone_checkpoint",
+  *(
+    f"optim.{k}"
+    for k in (
+      "learning_rate",
+      "weight_decay",
+      "b1",
+      "b2",
+      "eps",
+      "factor",
+      "patience",
+      "min_learning_rate",
+      "milestones",
+      "release_count",
+    )
+  ),
 )
-_AUDIO_DIMS = {"vggish": 128, "mfcc": 39, "egemaps": 23}
 
 
 @flax.struct.dataclass
@@ -174,6 +189,47 @@ def jit_eval_step(setup: Setup, mesh: jax.sharding.Mesh):
     in_shardings=(setup.shardings, sharding.data_sharding(mesh)),
     out_shardings=sharding.data_sharding(mesh),
   )
+
+
+@dataclasses.dataclass
+class Program:
+  """Everything compiled for one (config, mesh): built once per process."""
+
+  setup: Setup
+  train_step: Callable[[TrainState, Batch], tuple[TrainState, TrainMetrics]]
+  eval_step: Callable[[TrainState, Batch], jax.Array]
+
+
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+_MAX_PROGRAMS = 4
+
+
+def root_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """`(init_key, loop_key)` of a run: one root key, split once."""
+  init_key, loop_key = jax.random.split(jax.random.key(seed))
+  return init_key, loop_key
+
+
+def build_program(
+  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+) -> Program:
+  """Model, optimiser and jitted steps for `config` on `mesh`, memoised.
+
+  Everything here is a pure function of the config and the mesh, so a second
+  run in the same process (resume after a crash, evaluation after training,
+  the tests) reuses the compiled executables instead of compiling again.
+  """
+  key = (config.to_json(), mesh)
+  if key not in _PROGRAMS:
+    setup = ts.build_setup(config, mesh)
+    _PROGRAMS[key] = Program(
+      setup=setup,
+      train_step=jit_train_step(setup, mesh, root_keys(config.seed)[1]),
+      eval_step=jit_eval_step(setup, mesh),
+    )
+    while len(_PROGRAMS) > _MAX_PROGRAMS:
+      _PROGRAMS.popitem(last=False)
+  return _PROGRAMS[key]
 
 
 def make_predict_fn(
@@ -453,15 +509,15 @@ def train_and_evaluate(
   train_split = pipeline.load_split(config.data, paths, "train")
   val_split = pipeline.load_split(config.data, paths, "validation")
 
-  setup = ts.build_setup(config, mesh)
-  init_key, loop_key = jax.random.split(jax.random.key(config.seed))
+  program = build_program(config, mesh)
+  setup = program.setup
+  init_key, _ = root_keys(config.seed)
   manager = checkpoints.create_manager(workdir)
   run = _restore_or_init(config, setup, manager, init_key, workdir)
   if run.plateau.epoch == 0 and jax.process_index() == 0:
     _write_hparams(writer, config)
 
-  train_step = jit_train_step(setup, mesh, loop_key)
-  eval_step = jit_eval_step(setup, mesh)
+  train_step, eval_step = program.train_step, program.eval_step
   steps_per_epoch = train_split.num_windows // config.train.batch_size
   hooks = []
   if jax.process_index() == 0:
@@ -474,72 +530,74 @@ def train_and_evaluate(
     )
   per_process = config.train.batch_size // jax.process_count()
 
-  while True:
-    run.plateau, start = optim.begin_epoch(setup.plateau, run.plateau)
-    if start.stop:
-      logging.info(
-        "Training stopped before epoch %d: %s.",
+  # A crash still lets pending asynchronous checkpoint writes finish.
+  try:
+    while True:
+      run.plateau, start = optim.begin_epoch(setup.plateau, run.plateau)
+      if start.stop:
+        logging.info(
+          "Training stopped before epoch %d: %s.",
+          run.plateau.epoch,
+          run.plateau.stop_reason,
+        )
+        break
+      epoch = run.plateau.epoch
+      if start.release:
+        run.state = ts.reset_optimizer(
+          ts.with_weights(run.state, run.best), setup
+        )
+        logging.info(
+          "Epoch %d: best weights reloaded, %d group(s) released.",
+          epoch,
+          run.plateau.released,
+        )
+      run.state = ts.set_learning_rates(run.state, setup, run.plateau)
+      batches = pipeline.train_batches(
+        config.data,
+        paths,
+        "train",
+        batch_size=per_process,
+        epoch=epoch,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+      )
+      run.state, train_metrics = train_epoch(
+        run.state,
+        train_step,
+        sharding.prefetch_to_device(batches, mesh, config.train.prefetch),
+        max_in_flight=config.train.max_in_flight,
+        log_every_steps=config.train.log_every_steps,
+        writer=writer,
+        hooks=hooks,
+      )
+      step = int(run.state.step)
+      with _timed(hooks, "eval"):
+        results = evaluate_split(
+          eval_step, run.state, mesh, config, paths, val_split
+        )
+      run.plateau, improved = optim.end_epoch(
+        setup.plateau, run.plateau, results["ccc_mean"]
+      )
+      if improved:
+        run.best = ts.copy_tree(ts.weights(run.state))
+        run.best_results = _overall(results)
+      if config.train.load_best_at_each_epoch:
+        run.state = ts.with_weights(run.state, run.best)
+      _log_epoch(
+        writer, step, epoch, train_metrics, results, run.plateau, improved
+      )
+      checkpoints.save(
+        manager,
         run.plateau.epoch,
-        run.plateau.stop_reason,
+        run.state,
+        config,
+        run_metadata(config, train_split, run.plateau, step, results),
+        results["ccc_mean"],
       )
-      break
-    epoch = run.plateau.epoch
-    if start.release:
-      run.state = ts.reset_optimizer(
-        ts.with_weights(run.state, run.best), setup
-      )
-      logging.info(
-        "Epoch %d: best weights reloaded, %d group(s) released.",
-        epoch,
-        run.plateau.released,
-      )
-    run.state = ts.set_learning_rates(run.state, setup, run.plateau)
-    batches = pipeline.train_batches(
-      config.data,
-      paths,
-      "train",
-      batch_size=per_process,
-      epoch=epoch,
-      seed=config.seed,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-    )
-    run.state, train_metrics = train_epoch(
-      run.state,
-      train_step,
-      sharding.prefetch_to_device(batches, mesh, config.train.prefetch),
-      max_in_flight=config.train.max_in_flight,
-      log_every_steps=config.train.log_every_steps,
-      writer=writer,
-      hooks=hooks,
-    )
-    step = int(run.state.step)
-    with _timed(hooks, "eval"):
-      results = evaluate_split(
-        eval_step, run.state, mesh, config, paths, val_split
-      )
-    run.plateau, improved = optim.end_epoch(
-      setup.plateau, run.plateau, results["ccc_mean"]
-    )
-    if improved:
-      run.best = ts.copy_tree(ts.weights(run.state))
-      run.best_results = _overall(results)
-    if config.train.load_best_at_each_epoch:
-      run.state = ts.with_weights(run.state, run.best)
-    _log_epoch(
-      writer, step, epoch, train_metrics, results, run.plateau, improved
-    )
-    checkpoints.save(
-      manager,
-      run.plateau.epoch,
-      run.state,
-      config,
-      run_metadata(config, train_split, run.plateau, step, results),
-      results["ccc_mean"],
-    )
-
-  manager.wait_until_finished()
-  writer.flush()
+  finally:
+    manager.wait_until_finished()
+    writer.flush()
   multihost_utils.sync_global_devices("affjax:train_done")
   return {
     "best_epoch": run.plateau.best_epoch,
@@ -626,7 +684,8 @@ def evaluate_checkpoint(
   sharding.check_batch_size(
     config.train.eval_batch_size, mesh, "config.train.eval_batch_size"
   )
-  setup = ts.build_setup(config, mesh)
+  program = build_program(config, mesh)
+  setup = program.setup
   state = checkpoints.restore(manager, step, setup.abstract_state).state
   from affjax.data import pipeline  # pylint: disable=g-import-not-at-top
 
@@ -634,7 +693,7 @@ def evaluate_checkpoint(
   data_split = pipeline.load_split(config.data, paths, split)
   out_dir = out_dir or os.path.join(workdir, "eval", f"{split}_{step}")
   results = evaluate_split(
-    jit_eval_step(setup, mesh),
+    program.eval_step,
     state,
     mesh,
     config,

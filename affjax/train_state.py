@@ -70,7 +70,8 @@ class Setup:
   tx: optax.GradientTransformation
   labels: PyTree
   plateau: optim.PlateauConfig
-  init_fn: Callable[[jax.Array], TrainState]
+  init_fn: Callable[[jax.Array], TrainState]  # jitted, sharded output
+  opt_init_fn: Callable[[PyTree], PyTree]  # jitted fresh optimiser state
   abstract_state: TrainState  # ShapeDtypeStructs with shardings
   shardings: TrainState  # NamedSharding per leaf
 
@@ -126,7 +127,8 @@ def build_setup(
     tx=tx,
     labels=labels,
     plateau=optim.PlateauConfig.from_config(config, len(groups)),
-    init_fn=init_fn,
+    init_fn=jax.jit(init_fn, out_shardings=shardings),
+    opt_init_fn=jax.jit(tx.init, out_shardings=shardings.opt_state),
     abstract_state=abstract,
     shardings=shardings,
   )
@@ -134,7 +136,7 @@ def build_setup(
 
 def init_state(setup: Setup, key: jax.Array) -> TrainState:
   """Initialises the state directly with its (replicated) shardings."""
-  return jax.jit(setup.init_fn, out_shardings=setup.shardings)(key)
+  return setup.init_fn(key)
 
 
 def load_backbone_checkpoint(state: TrainState, path: str) -> TrainState:
@@ -201,8 +203,7 @@ def reset_optimizer(state: TrainState, setup: Setup) -> TrainState:
 
   Same tree, shapes and dtypes as before, so the train step does not retrace.
   """
-  init = jax.jit(setup.tx.init, out_shardings=setup.shardings.opt_state)
-  return state.replace(opt_state=init(state.params))
+  return state.replace(opt_state=setup.opt_init_fn(state.params))
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

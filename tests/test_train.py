@@ -1,0 +1,131 @@
+"""End to end on the synthetic data with `configs/test.py` (8 fake devices).
+
+One uninterrupted run, one run interrupted inside its second epoch and then
+resumed, and an evaluation of the best checkpoint. The data (generation,
+preprocessing, TFDS) is built once and shared.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from affjax import checkpoints, train
+from configs import test as test_config
+
+
+class Interrupted(Exception):
+  pass
+
+
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("data")
+  return {k: str(root / k) for k in ("raw_dir", "cache_dir", "tfds_dir")}
+
+
+def _config(data_dirs):
+  config = test_config.get_config()
+  config.unlock()
+  config.data.update(data_dirs)
+  return config.lock()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dirs, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full"))
+  summary = train.train_and_evaluate(_config(data_dirs), workdir)
+  return workdir, summary
+
+
+def test_training_runs_releases_and_keeps_latest_and_best(uninterrupted):
+  workdir, summary = uninterrupted
+  # 3 epochs (max_epochs); test.py's lr/min-lr make a release likely, and the
+  # schedule itself is covered in test_optim.py.
+  assert summary["epochs"] == 3
+  assert summary["stop_reason"] == "max_epochs"
+  manager = checkpoints.create_manager(workdir, read_only=True)
+  assert manager.latest_step() == 3
+  assert manager.best_step() == summary["best_epoch"] + 1
+  meta = checkpoints.restore(manager, 3).metadata
+  assert meta["emotions"] == ["valence", "arousal"]
+  assert set(meta["feature_stats"]) >= {"vggish", "mfcc"}
+  assert meta["plateau"]["epoch"] == 3
+  assert np.isfinite(summary["best_ccc"])
+
+
+def test_interrupted_then_resumed_matches_uninterrupted(
+  uninterrupted, data_dirs, tmp_path, monkeypatch
+):
+  _, full = uninterrupted
+  workdir = str(tmp_path / "resumed")
+  real_train_epoch = train.train_epoch
+  calls = []
+
+  def crashing_train_epoch(state, *args, **kwargs):
+    calls.append(int(state.step))
+    if len(calls) == 2:  # inside the second epoch
+      raise Interrupted()
+    return real_train_epoch(state, *args, **kwargs)
+
+  monkeypatch.setattr(train, "train_epoch", crashing_train_epoch)
+  with pytest.raises(Interrupted):
+    train.train_and_evaluate(_config(data_dirs), workdir)
+  manager = checkpoints.create_manager(workdir, read_only=True)
+  assert manager.latest_step() == 1
+  saved_step = checkpoints.restore(manager, 1).metadata["step"]
+  manager.close()
+
+  calls.clear()
+
+  def counting_train_epoch(state, *args, **kwargs):
+    calls.append(int(state.step))
+    return real_train_epoch(state, *args, **kwargs)
+
+  monkeypatch.setattr(train, "train_epoch", counting_train_epoch)
+  resumed = train.train_and_evaluate(_config(data_dirs), workdir)
+  # Resumed at epoch 1 from the saved step, then ran epochs 1 and 2 only.
+  assert len(calls) == 2 and calls[0] == saved_step
+  assert resumed["step"] == full["step"]
+  assert resumed["best_epoch"] == full["best_epoch"]
+  np.testing.assert_allclose(
+    resumed["best_ccc"], full["best_ccc"], rtol=1e-6, atol=1e-7
+  )
+  for emotion, scores in full["validation"]["overall"].items():
+    for name, value in scores.items():
+      np.testing.assert_allclose(
+        resumed["validation"]["overall"][emotion][name],
+        value,
+        rtol=1e-6,
+        atol=1e-7,
+        err_msg=f"{emotion}/{name}",
+      )
+
+
+def test_evaluate_reproduces_logged_validation_ccc(uninterrupted, data_dirs):
+  workdir, summary = uninterrupted
+  results = train.evaluate_checkpoint(_config(data_dirs), workdir)
+  assert results["step"] == summary["best_epoch"] + 1
+  np.testing.assert_allclose(
+    results["ccc_mean"], summary["best_ccc"], rtol=1e-6, atol=1e-7
+  )
+  for emotion, scores in summary["validation"]["overall"].items():
+    np.testing.assert_allclose(
+      results["overall"][emotion]["ccc"], scores["ccc"], rtol=1e-6, atol=1e-7
+    )
+  out_dir = os.path.join(workdir, "eval", f"validation_{results['step']}")
+  with open(os.path.join(out_dir, "results.json")) as f:
+    written = json.load(f)
+  np.testing.assert_allclose(
+    written["ccc_mean"], summary["best_ccc"], rtol=1e-6
+  )
+  assert os.listdir(os.path.join(out_dir, "predictions"))
+
+
+def test_evaluate_rejects_a_different_model_config(uninterrupted, data_dirs):
+  workdir, _ = uninterrupted
+  config = _config(data_dirs)
+  config.model.kernel_size = 5
+  with pytest.raises(ValueError, match="model.kernel_size: saved 3, current 5"):
+    train.evaluate_checkpoint(config, workdir)
