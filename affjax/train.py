@@ -366,10 +366,17 @@ def run_metadata(
   plateau: optim.PlateauState,
   step: int,
   validation: Mapping[str, Any] | None,
+  preprocess_settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-  """JSON stored with each checkpoint (what evaluation/prediction need)."""
+  """JSON stored with each checkpoint (what evaluation/prediction need).
+
+  `preprocess_settings` are the feature cache's settings (frame size, audio
+  rate, VGGish variant, ...), so prediction on a new video computes the same
+  features from the workdir alone.
+  """
   d = config.data
   return {
+    "preprocess_settings": dict(preprocess_settings or {}),
     "epoch": plateau.epoch,
     "step": step,
     "plateau": plateau.to_dict(),
@@ -386,6 +393,14 @@ def run_metadata(
     },
     "validation": _overall(validation),
   }
+
+
+def cache_settings(cache_dir: str) -> dict[str, Any]:
+  """The preprocessing settings recorded in a feature cache's manifest."""
+  from affjax.data.preprocess import cache  # pylint: disable=g-import-not-at-top
+
+  path = os.path.join(cache_dir, cache.MANIFEST)
+  return dict(cache.read_json(path).get("settings", {}))
 
 
 def _overall(results: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -508,6 +523,7 @@ def train_and_evaluate(
   paths = _prepare_data(config, workdir)
   train_split = pipeline.load_split(config.data, paths, "train")
   val_split = pipeline.load_split(config.data, paths, "validation")
+  settings = cache_settings(paths.cache_dir)
 
   program = build_program(config, mesh)
   setup = program.setup
@@ -592,7 +608,7 @@ def train_and_evaluate(
         run.plateau.epoch,
         run.state,
         config,
-        run_metadata(config, train_split, run.plateau, step, results),
+        run_metadata(config, train_split, run.plateau, step, results, settings),
         results["ccc_mean"],
       )
   finally:

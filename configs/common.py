@@ -175,7 +175,13 @@ def set_audio(
 def demo_synthetic() -> ml_collections.ConfigDict:
   """Generator settings of the demo dataset (`affjax.data.synthetic`)."""
   return ml_collections.ConfigDict(
-    {"num_trials": 14, "seed": 0, "min_seconds": 20.0, "max_seconds": 40.0}
+    {
+      "num_trials": 14,
+      "seed": 0,
+      "min_seconds": 20.0,
+      "max_seconds": 40.0,
+      "num_workers": 2,
+    }
   )
 
 

@@ -52,6 +52,7 @@ def test_training_runs_releases_and_keeps_latest_and_best(uninterrupted):
   assert meta["emotions"] == ["valence", "arousal"]
   assert set(meta["feature_stats"]) >= {"vggish", "mfcc"}
   assert meta["plateau"]["epoch"] == 3
+  assert meta["preprocess_settings"]["frame_size"] == 48
   assert np.isfinite(summary["best_ccc"])
 
 
