@@ -2,27 +2,35 @@
 
 The cache is written directly with numpy (`test_affwild2.write_tiny_cache`),
 so expected values come from the written arrays, not from the pipeline.
+Tests marked with `mode` run both reading paths: trials kept in memory
+(`memory`) and streamed from disk (`stream`, `memory_cache_gb = 0`).
 """
 
 import dataclasses
 import os
+import shutil
 
 import ml_collections
 import numpy as np
 import pytest
 from test_affwild2 import SPEC, write_tiny_cache
 
-from affjax.data import affwild2, folds, pipeline, prepare, stitch
+from affjax.data import affwild2, folds, pipeline, prepare, stitch, trials
+from affjax.data import windows as windows_lib
 
 W, H = 10, 6  # t_b (9 frames) and v_b (8) are shorter than a window
 
 
-def cfg(**overrides):
+MODES = {"memory": {}, "stream": {"memory_cache_gb": 0.0}}
+
+
+def cfg(mode="memory", **overrides):
   base = {"name": "affwild2", "fold": 0, "window_length": W,
           "hop_length": H, "emotions": ("valence", "arousal"),
           "features": ("frames", "vggish", "mfcc", "egemaps"),
           "crop_size": 40, "time_delay": 0, "raw_dir": "", "cache_dir": "",
           "tfds_dir": ""}
+  base.update(MODES[mode])
   base.update(overrides)
   return ml_collections.ConfigDict(base)
 
@@ -65,12 +73,13 @@ def _stitch(batches, key, split):
   return stitch.stitch_windows(values, trial, index, split.trial_lengths)
 
 
-@pytest.mark.parametrize("fold,split_name,delay", [
-    (0, "validation", 3), (3, "validation", 0), (1, "train", 2),
-    (0, "test", 0)])
-def test_eval_round_trip(data, fold, split_name, delay):
+@pytest.mark.parametrize("fold,split_name,delay,mode", [
+    (0, "validation", 3, "memory"), (3, "validation", 0, "stream"),
+    (1, "train", 2, "memory"), (1, "train", 2, "stream"),
+    (0, "test", 0, "memory")])
+def test_eval_round_trip(data, fold, split_name, delay, mode):
   paths, written = data
-  c = cfg(fold=fold, time_delay=delay)
+  c = cfg(mode, fold=fold, time_delay=delay)
   split = pipeline.load_split(c, paths, split_name)
   assert split.trial_names == _expected_names(fold, split_name)
   batches = list(pipeline.eval_batches(c, paths, split_name, batch_size=3))
@@ -98,9 +107,10 @@ def test_eval_round_trip(data, fold, split_name, delay):
     assert not any(m.any() for m in split.label_masks)
 
 
-def test_eval_windows_masks_and_padding(data):
+@pytest.mark.parametrize("mode", MODES)
+def test_eval_windows_masks_and_padding(data, mode):
   paths, written = data
-  c = cfg(fold=0, features=("frames", "vggish"))
+  c = cfg(mode, fold=0, features=("frames", "vggish"))
   split = pipeline.load_split(c, paths, "validation")
   assert split.trial_names == ["a_val", "v_b"]
   batches = list(pipeline.eval_batches(c, paths, "validation", batch_size=4))
@@ -145,9 +155,10 @@ def test_eval_windows_masks_and_padding(data):
   assert not first[1]["mask"][10 - first[1]["frame_index"][0]]
 
 
-def test_eval_process_sharding_disjoint_complete(data):
+@pytest.mark.parametrize("mode", MODES)
+def test_eval_process_sharding_disjoint_complete(data, mode):
   paths, _ = data
-  c = cfg(fold=2, features=("mfcc",))
+  c = cfg(mode, fold=2, features=("mfcc",))
   single = list(pipeline.eval_batches(c, paths, "train", batch_size=2))
   per = [list(pipeline.eval_batches(c, paths, "train", batch_size=2,
                                     process_index=p, process_count=3))
@@ -167,6 +178,20 @@ def test_eval_process_sharding_disjoint_complete(data):
   # Each process reads whole trials of its own.
   owners = [set(p["trial"].tolist()) for p in parts]
   assert sum(len(o) for o in owners) == len(set().union(*owners)) == 7
+  # More processes than trials: the idle ones yield padding batches only.
+  c = cfg(mode, fold=0, features=("frames", "mfcc"))
+  per = [list(pipeline.eval_batches(c, paths, "validation", batch_size=2,
+                                    process_index=p, process_count=4))
+         for p in range(4)]
+  # a_val: 4 windows, v_b: 1; the cuts at 5/4, 10/4, 15/4 windows all fall
+  # in a_val, so the last process gets both trials.
+  assert [len(b) for b in per] == [3] * 4
+  assert [sum(int((b["trial"] >= 0).sum()) for b in bs) for bs in per] == [
+      0, 0, 0, 5]
+  for b in per[0] + per[1] + per[2]:
+    assert b["frames"].shape == (2, W, 40, 40, 3)
+    assert (b["frames"] == -1).all() and (b["mfcc"] == 0).all()
+    assert not b["mask"].any() and (b["frame_index"] == -1).all()
 
 
 def _window_keys(batches):
@@ -189,9 +214,10 @@ def _crop_params(raw, window):
   return None
 
 
-def test_train_batches_content_and_determinism(data):
+@pytest.mark.parametrize("mode", MODES)
+def test_train_batches_content_and_determinism(data, mode):
   paths, written = data
-  c = cfg(fold=0, time_delay=1)
+  c = cfg(mode, fold=0, time_delay=1)
   split = pipeline.load_split(c, paths, "train")
   assert split.num_windows == sum(
       stitch.num_windows(n, W, H) for n in split.trial_lengths) == 21
@@ -228,9 +254,10 @@ def test_train_batches_content_and_determinism(data):
   assert other_seed != keys and other_epoch != keys
 
 
-def test_train_process_sharding_disjoint(data):
+@pytest.mark.parametrize("mode", MODES)
+def test_train_process_sharding_disjoint(data, mode):
   paths, _ = data
-  c = cfg(fold=0, features=("mfcc",))
+  c = cfg(mode, fold=0, features=("mfcc",))
   single = pipeline.load_split(c, paths, "train")
   for count, batch in ((2, 1), (3, 2)):
     per = [list(pipeline.train_batches(
@@ -288,6 +315,99 @@ def test_embeddings_mode(data):
     valid &= written[name]["labels"][:, 0] != -5
     np.testing.assert_array_equal(lab[i][valid, 0],
                                   written[name]["labels"][valid, 1])
+
+
+def test_memory_and_stream_agree(data):
+  paths, _ = data
+  mem, stream = cfg("memory", time_delay=2), cfg("stream", time_delay=2)
+  assert pipeline._Reader(mem, paths, "train", 1, 0, 1).store is not None
+  assert pipeline._Reader(stream, paths, "train", 1, 0, 1).store is None
+  # Evaluation: the same batches, exactly.
+  a = list(pipeline.eval_batches(mem, paths, "validation", batch_size=3))
+  b = list(pipeline.eval_batches(stream, paths, "validation", batch_size=3))
+  assert len(a) == len(b) == 2
+  for x, y in zip(a, b):
+    assert sorted(x) == sorted(y)
+    for k in x:
+      assert x[k].dtype == y[k].dtype, k
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+  # Training: other order, but the same windows with the same crops.
+  args = {"batch_size": 1, "epoch": 4, "seed": 3}
+  def by_window(c):
+    return {(int(b["trial"][0]), int(b["frame_index"][0, 0])): b
+            for b in pipeline.train_batches(c, paths, "train", **args)}
+  x, y = by_window(mem), by_window(stream)
+  assert sorted(x) == sorted(y) and len(x) == 21
+  for key in x:
+    for k in x[key]:
+      np.testing.assert_array_equal(x[key][k], y[key][k], err_msg=k)
+
+
+def test_window_rows_hand_case():
+  frame_index, rows, label_rows = windows_lib.window_rows(
+      offset=np.array([10, 0, 5], np.int32),
+      length=np.array([4, 3, 0], np.int32),
+      start=np.array([1, 0, 0], np.int32), window=4, delay=1, sentinel=99)
+  np.testing.assert_array_equal(
+      frame_index, [[1, 2, 3, -1], [0, 1, 2, -1], [-1, -1, -1, -1]])
+  np.testing.assert_array_equal(
+      rows, [[11, 12, 13, 99], [0, 1, 2, 99], [99, 99, 99, 99]])
+  # Labels one frame later, clamped to the trial's last frame.
+  np.testing.assert_array_equal(
+      label_rows, [[12, 13, 13, 99], [1, 2, 2, 99], [99, 99, 99, 99]])
+
+
+def test_crop_table():
+  a = windows_lib.crop_table(5, 400, 8)
+  assert a.shape == (400, 3) and a.dtype == np.int32
+  np.testing.assert_array_equal(a, windows_lib.crop_table(5, 400, 8))
+  assert not np.array_equal(a, windows_lib.crop_table(6, 400, 8))
+  assert set(a[:, 0]) == set(a[:, 1]) == set(range(9))
+  assert set(a[:, 2]) == {0, 1}
+
+
+def test_rebuilt_dataset_and_edited_labels_are_read_again(tmp_path):
+  paths = prepare.DataPaths("", str(tmp_path / "cache"),
+                            str(tmp_path / "tfds"))
+  spec = SPEC[:1] + SPEC[6:7]
+  written = write_tiny_cache(paths.cache_dir, spec, size=48)
+  affwild2.build(paths.cache_dir, paths.tfds_dir)
+  c = cfg(features=("mfcc",))
+  first = list(pipeline.eval_batches(c, paths, "validation", batch_size=8))
+  # Same manifest (same fingerprint), other arrays: the dataset is rebuilt
+  # by hand, as after fixing a cache in place.
+  trial_dir = os.path.join(paths.cache_dir, "trials", "a_val")
+  np.save(os.path.join(trial_dir, "mfcc.npy"),
+          written["a_val"]["mfcc"] + 100.0)
+  labels = written["a_val"]["labels"].copy()
+  labels[:, 0] = 0.25
+  np.save(os.path.join(trial_dir, "labels.npy"), labels)
+  assert pipeline.load_split(c, paths, "validation").labels[0][3, 0] == 0.25
+  shutil.rmtree(paths.tfds_dir)
+  affwild2.build(paths.cache_dir, paths.tfds_dir)
+  again = list(pipeline.eval_batches(c, paths, "validation", batch_size=8))
+  real = first[0]["frame_index"][0] >= 0
+  np.testing.assert_allclose(
+      again[0]["mfcc"][0][real] - first[0]["mfcc"][0][real],
+      100.0 / pipeline.load_split(c, paths, "validation").feature_stats[
+          "mfcc"][1][0], rtol=1e-4)
+  valid = again[0]["mask"][0]
+  np.testing.assert_array_equal(again[0]["label"][0][valid, 0], 0.25)
+
+
+def test_load_split_copies_and_memory_budget(data):
+  paths, _ = data
+  a = pipeline.load_split(cfg(), paths, "train")
+  a.trial_names.append("extra")
+  a.labels.pop()
+  b = pipeline.load_split(cfg(), paths, "train")
+  assert "extra" not in b.trial_names and len(b.labels) == 6
+  assert trials.budget_bytes(cfg(memory_cache_gb=0.5)) == 2**29
+  with pytest.raises(ValueError, match="memory_cache_gb"):
+    trials.budget_bytes(cfg(memory_cache_gb=-1.0))
+  # A budget smaller than the split: streamed.
+  tiny = cfg(memory_cache_gb=1e-6)
+  assert pipeline._Reader(tiny, paths, "train", 2, 0, 1).store is None
 
 
 def test_config_errors(data, tmp_path):

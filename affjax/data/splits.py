@@ -1,0 +1,294 @@
+"""Host-side metadata of a split: trials, labels, normalisation statistics.
+
+A split of a fold is a list of trials (`affjax.data.folds` over the TFDS
+dataset's chunks). `load_split` returns its `Split`: sorted trial names,
+lengths, per-trial labels and masks (read from the feature cache's
+`labels.npy`, small), the number of windows and the fold's audio feature
+statistics.
+
+Normalisation follows the reference (`calculate_mean_and_std.py`): one mean
+and one standard deviation per feature over all its dimensions and all
+labelled frames of the fold's training trials (variance with N - 1), here
+summed from the cache's per-trial `feature_sums`, and used for every split.
+`config.data.normalization = 'per_dim'` (optional key) standardises each
+dimension instead.
+
+`config.data.time_delay = n` shifts each trial's labels n frames earlier and
+repeats its last label (`label'[t] = label[min(t + n, L - 1)]`), over the
+whole trial rather than per window as the reference does, so windows of one
+trial agree where they overlap. `Split.labels` holds the shifted labels.
+
+The training loop asks for the same splits every epoch, so the dataset's
+metadata and each `Split` are memoised. The memo keys include the identity
+(inode, size, mtime, ctime) of every file of the TFDS dataset and of every
+`labels.npy` read, so a rebuilt dataset or an edited cache is read again.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from affjax.data import affwild2, folds, stitch
+
+EMOTION_COLUMNS = {"valence": 0, "arousal": 1}
+VISUAL = ("frames", "embeddings")
+INVALID_LABEL = -5.0
+SPLITS = ("train", "validation", "test")
+_MEMO_SPLITS = 16
+
+
+@dataclasses.dataclass
+class Split:
+  """Host-side metadata of one split of one fold.
+
+  Attributes:
+    name: 'train' | 'validation' | 'test'.
+    trial_names: sorted; `trial` ints in batches index this list.
+    trial_lengths: int64 `[n_trials]`, frames.
+    labels: per trial float32 `[L, n_emotions]` (time-delay shifted; -5
+      where not annotated).
+    label_masks: per trial bool `[L]`: every selected emotion is annotated.
+    num_windows: windows of the split over all processes.
+    feature_stats: audio feature -> (mean `[D]`, std `[D]`) float32, from
+      the fold's training trials.
+  """
+  name: str
+  trial_names: list[str]
+  trial_lengths: np.ndarray
+  labels: list[np.ndarray]
+  label_masks: list[np.ndarray]
+  num_windows: int
+  feature_stats: dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+# ---------------------------------------------------------------- dataset
+
+
+def _file_id(path: str) -> tuple[int, ...]:
+  # ctime cannot be set back (a copy keeping the mtime still changes it).
+  st = os.stat(path)
+  return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def dataset_token(tfds_dir: str) -> tuple[Any, ...]:
+  """Identity of the dataset files in `tfds_dir` (changes on a rebuild).
+
+  Raises:
+    FileNotFoundError: no dataset there (naming the path).
+  """
+  path = affwild2.dataset_dir(tfds_dir)
+  try:
+    names = sorted(os.listdir(path))
+  except FileNotFoundError:
+    names = []
+  if "metadata.json" not in names:
+    affwild2.read_metadata(tfds_dir)  # raises the descriptive error
+  return tuple((n, *_file_id(os.path.join(path, n))) for n in names)
+
+
+@functools.lru_cache(maxsize=4)
+def _opened(tfds_dir: str, token: tuple[Any, ...]):
+  del token  # part of the cache key: a rebuilt dataset is reopened
+  return (tfds.builder_from_directory(affwild2.dataset_dir(tfds_dir)),
+          affwild2.read_metadata(tfds_dir))
+
+
+def open_dataset(paths: Any) -> tuple[Any, dict[str, Any], tuple[Any, ...]]:
+  """(TFDS builder, metadata, dataset token) of `paths.tfds_dir`."""
+  token = dataset_token(paths.tfds_dir)
+  builder, meta = _opened(os.path.abspath(paths.tfds_dir), token)
+  return builder, meta, token
+
+
+def check_config(data_config: Any, meta: dict[str, Any]) -> None:
+  """Raises ValueError naming the bad `config.data` key."""
+  features = tuple(data_config.features)
+  available = {"frames", *affwild2.AUDIO_FEATURES}
+  if meta.get("embeddings"):
+    available.add("embeddings")
+  missing = [f for f in features if f not in available]
+  if missing:
+    hint = (" (run `python -m affjax.embed` on the cache, then prepare "
+            "again)" if "embeddings" in missing else "")
+    raise ValueError(f"config.data.features={features} asks for {missing}; "
+                     f"the dataset has {sorted(available)}{hint}")
+  if sum(f in VISUAL for f in features) > 1:
+    raise ValueError(f"config.data.features={features}: use 'frames' or "
+                     "'embeddings', not both")
+  bad = [e for e in data_config.emotions if e not in EMOTION_COLUMNS]
+  if bad or not data_config.emotions:
+    raise ValueError(f"config.data.emotions={tuple(data_config.emotions)}: "
+                     f"expected a non-empty subset of {tuple(EMOTION_COLUMNS)}")
+  if data_config.time_delay < 0:
+    raise ValueError(f"config.data.time_delay must be >= 0, got "
+                     f"{data_config.time_delay}")
+  size = frame_size(meta)
+  if "frames" in features and not 0 < data_config.crop_size <= size:
+    raise ValueError(f"config.data.crop_size={data_config.crop_size} must be "
+                     f"in (0, {size}] (cached frame size)")
+  stitch.window_starts(1, data_config.window_length, data_config.hop_length)
+
+
+def frame_size(meta: dict[str, Any]) -> int:
+  """Side of the cached square face crops, pixels."""
+  return int(meta["settings"].get("frame_size", 48))
+
+
+def split_trials(meta: dict[str, Any], fold: int, split: str) -> list[str]:
+  """Sorted trial names of `split` ('train'|'validation'|'test') of `fold`."""
+  train_ids, val_id = folds.fold_chunks(fold)
+  if split == "train":
+    names = [n for i in train_ids for n in meta["splits"][affwild2.CHUNKS[i]]]
+  elif split == "validation":
+    names = meta["splits"][affwild2.CHUNKS[val_id]]
+  elif split == "test":
+    names = meta["splits"][affwild2.TEST]
+  else:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  return sorted(names)
+
+
+def feature_stats(meta: dict[str, Any], train_names: Sequence[str],
+                  features: Sequence[str], per_dim: bool = False
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Mean/std `[D]` per audio feature over the trials' labelled frames.
+
+  Args:
+    meta: dataset metadata (per-trial `feature_sums`).
+    train_names: the fold's training trials.
+    features: feature names; non-audio ones are ignored.
+    per_dim: per-dimension statistics instead of the reference's one scalar
+      per feature (broadcast to `[D]`).
+
+  Raises:
+    ValueError: no labelled training frame carries the feature.
+  """
+  out = {}
+  for feat in (f for f in features if f in affwild2.AUDIO_FEATURES):
+    sums = [meta["trials"][n]["feature_sums"][feat] for n in train_names]
+    count = float(sum(s["count"] for s in sums))
+    if count < 2:
+      raise ValueError(f"feature {feat!r}: {int(count)} labelled frames in "
+                       "the fold's training trials; cannot normalise")
+    total = np.sum([s["sum"] for s in sums], axis=0, dtype=np.float64)
+    total_sq = np.sum([s["sumsq"] for s in sums], axis=0, dtype=np.float64)
+    dim = total.shape[0]
+    if not per_dim:
+      count, total, total_sq = count * dim, total.sum(), total_sq.sum()
+    mean = total / count
+    var = np.maximum(total_sq - count * mean**2, 0.0) / (count - 1)
+    std = np.sqrt(var)
+    std = np.where(std > 1e-8, std, 1.0)
+    out[feat] = (np.broadcast_to(mean, (dim,)).astype(np.float32),
+                 np.broadcast_to(std, (dim,)).astype(np.float32))
+  return out
+
+
+def shift_labels(labels: np.ndarray, delay: int) -> np.ndarray:
+  """`out[t] = labels[min(t + delay, L - 1)]` (labels delay frames earlier)."""
+  if delay == 0:
+    return labels
+  idx = np.minimum(np.arange(labels.shape[0]) + delay, labels.shape[0] - 1)
+  return labels[idx]
+
+
+def num_windows(data_config: Any, length: int) -> int:
+  """Windows of a trial of `length` frames under `data_config`."""
+  return stitch.num_windows(length, data_config.window_length,
+                            data_config.hop_length)
+
+
+def _labels_path(cache_dir: str, name: str) -> str:
+  return os.path.join(cache_dir, "trials", name, "labels.npy")
+
+
+def _missing_labels(path: str) -> FileNotFoundError:
+  return FileNotFoundError(
+      f"{path} not found: the cache no longer matches the TFDS dataset; "
+      "run affjax.data.prepare.prepare again")
+
+
+def _trial_labels(path: str, columns: Sequence[int],
+                  delay: int) -> tuple[np.ndarray, np.ndarray]:
+  try:
+    labels = np.load(path)
+  except FileNotFoundError:
+    raise _missing_labels(path) from None
+  labels = shift_labels(np.asarray(labels[:, list(columns)], np.float32),
+                        delay)
+  return labels, np.all(labels != INVALID_LABEL, axis=1)
+
+
+def _copy(split: Split) -> Split:
+  """A Split whose containers (not arrays) are its own."""
+  return dataclasses.replace(
+      split, trial_names=list(split.trial_names), labels=list(split.labels),
+      label_masks=list(split.label_masks),
+      feature_stats=dict(split.feature_stats))
+
+
+_split_memo: collections.OrderedDict = collections.OrderedDict()
+_split_lock = threading.Lock()
+
+
+def load_split(data_config: Any, paths: Any, split: str) -> Split:
+  """Host-side metadata of `split` of fold `data_config.fold`.
+
+  Args:
+    data_config: `config.data`.
+    paths: `affjax.data.prepare.DataPaths` (tfds_dir, cache_dir).
+    split: 'train' | 'validation' | 'test'.
+
+  Returns:
+    A new `Split` (its arrays are shared with the memo: do not modify them
+    in place).
+  """
+  _, meta, token = open_dataset(paths)
+  check_config(data_config, meta)
+  names = split_trials(meta, data_config.fold, split)
+  label_paths = [_labels_path(paths.cache_dir, n) for n in names]
+  try:
+    label_ids = tuple(_file_id(p) for p in label_paths)
+  except FileNotFoundError as e:
+    raise _missing_labels(e.filename) from None
+  per_dim = data_config.get("normalization", "scalar") == "per_dim"
+  key = (token, paths.cache_dir, label_ids, split, data_config.fold,
+         tuple(data_config.features), tuple(data_config.emotions),
+         int(data_config.time_delay), int(data_config.window_length),
+         int(data_config.hop_length), per_dim)
+  with _split_lock:
+    cached = _split_memo.get(key)
+    if cached is not None:
+      _split_memo.move_to_end(key)
+      return _copy(cached)
+  train_names = split_trials(meta, data_config.fold, "train")
+  columns = [EMOTION_COLUMNS[e] for e in data_config.emotions]
+  lengths = np.array([meta["trials"][n]["n_frames"] for n in names], np.int64)
+  labels, masks = [], []
+  for path, length in zip(label_paths, lengths):
+    lab, mask = _trial_labels(path, columns, data_config.time_delay)
+    if lab.shape[0] != length:
+      raise ValueError(f"{path} has {lab.shape[0]} rows, the dataset "
+                       f"{length}: run affjax.data.prepare.prepare again")
+    labels.append(lab)
+    masks.append(mask)
+  out = Split(
+      name=split, trial_names=names, trial_lengths=lengths, labels=labels,
+      label_masks=masks,
+      num_windows=sum(num_windows(data_config, n) for n in lengths),
+      feature_stats=feature_stats(meta, train_names, data_config.features,
+                                  per_dim))
+  with _split_lock:
+    _split_memo[key] = out
+    while len(_split_memo) > _MEMO_SPLITS:
+      _split_memo.popitem(last=False)
+  return _copy(out)
