@@ -1,6 +1,6 @@
 r"""Input pipeline windows/s vs what the training step consumes, side by side.
 
-  python -m benchmarks.input_pipeline                  # ~3-4 min
+  python -m benchmarks.input_pipeline                  # ~2-4 min
   python -m benchmarks.input_pipeline --cases=paper_embeddings --epochs=10
   python -m benchmarks.input_pipeline --cache=/data/cache --tfds=/data/tfds
   python -m benchmarks.input_pipeline --baseline=/tmp/old_pipeline.py
@@ -21,9 +21,10 @@ written under `--workdir` and built into TFDS once, then reused.
 Per case: the first epoch (it decodes the split into memory when it fits),
 then `--epochs` timed epochs. Printed: start-up per epoch (call -> first
 batch), steady-state windows/s after the first batch, and windows/s over the
-whole epoch including start-up. `--baseline=FILE` also times another
-pipeline module (e.g. an older `pipeline.py` saved to a file), epochs
-alternating with the current one.
+whole epoch including start-up. `--stream` also times the pipeline
+with the trials streamed from disk instead of kept in memory, and
+`--baseline=FILE` another pipeline module (e.g. an older `pipeline.py`
+saved to a file); epochs alternate between them.
 
 Consumption: the jitted training step of the case's own config
 (`affjax.train.jit_train_step`, compile time printed separately). The
@@ -164,9 +165,14 @@ def load_module(path: str):
 
 
 def run_epoch(module, config, paths, epoch: int) -> dict[str, float]:
-  """One epoch of `module.train_batches`: start-up, windows, seconds."""
+  """One epoch of `module.train_batches`: start-up, windows, seconds.
+
+  `module` may be a (module, data config) pair (another reading mode).
+  """
+  module, data = module if isinstance(module, tuple) else (module,
+                                                           config.data)
   t0 = time.perf_counter()
-  it = module.train_batches(config.data, paths, "train",
+  it = module.train_batches(data, paths, "train",
                             batch_size=config.train.batch_size, epoch=epoch,
                             seed=config.seed)
   first = next(it, None)
@@ -279,6 +285,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="timed epochs after the first")
   p.add_argument("--baseline", default="",
                  help="another pipeline module file to time alongside")
+  p.add_argument("--stream", action="store_true",
+                 help="also time the streaming path (memory_cache_gb=0)")
   p.add_argument("--step_repeats", type=int, default=3)
   p.add_argument("--paper_frames_step", default="reference",
                  choices=("reference", "measure"))
@@ -296,12 +304,18 @@ def main(argv=None) -> int:
 
   print(f"load average before: {_load_average()}")
   paths = data_paths(args)
-  modules = {"affjax": pipeline}
-  if args.baseline:
-    modules["baseline"] = load_module(args.baseline)
+  baseline = load_module(args.baseline) if args.baseline else None
   results = []
   for case in args.cases.split(","):
     config = case_config(case, paths)
+    modules = {"affjax": pipeline}
+    if args.stream:
+      streamed = config.data.copy_and_resolve_references()
+      with streamed.unlocked():
+        streamed.memory_cache_gb = 0.0
+      modules["affjax streamed"] = (pipeline, streamed)
+    if baseline:
+      modules["baseline"] = baseline
     split = pipeline.load_split(config.data, paths, "train")
     print(f"\n{case}: {len(split.trial_names)} training trials, "
           f"{int(split.trial_lengths.sum())} frames, {split.num_windows} "
