@@ -5,8 +5,8 @@
 
 Every `PreprocessSettings` field is a flag (e.g. `--vggish_hop_seconds=none`
 for the reference's one VGGish example per frame). Re-running completes an
-interrupted cache; bad inputs exit with status 2 and a message naming the
-files.
+interrupted cache; bad inputs, a full disk or a worker killed by the system
+exit with status 2 and a message naming the files or trials.
 """
 
 import argparse
@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
       test_list=args.test_list,
       trials=args.trials.split(",") if args.trials else None,
     )
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, run.BrokenProcessPool) as e:
+    # Bad inputs, a full disk or a dead worker: the message says what to do,
+    # a traceback would only bury it.
     print(f"error: {e}", file=sys.stderr)
     return 2
   frames = sum(t["n_frames"] for t in manifest["trials"].values())

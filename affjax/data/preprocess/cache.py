@@ -11,7 +11,8 @@ A trial directory is written under a temporary name and renamed when every
 file is in place, so an existing `trials/<trial>` is always complete. The
 manifest is rewritten atomically (temp file + `os.replace`) after each trial;
 if a run dies between the rename and the manifest update, the next run adds
-the trial back from its `meta.json`.
+the trial back from its `meta.json`. Temporaries (`.tmp-*`) left by a killed
+run are deleted by the next one.
 
 `meta.json["feature_sums"]` holds, per audio feature, the frame count and
 the per-dimension sum and sum of squares (float64) over the trial's
@@ -22,6 +23,7 @@ without re-reading the arrays.
 """
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -43,6 +45,10 @@ FEATURE_DIMS = {
 }
 ARRAYS = ("frames", "face_mask", "labels", *FEATURE_DIMS)
 _TMP_PREFIX = ".tmp-"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FREE_AND_RERUN = (
+  "free some space and rerun the same command (finished trials are kept)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +93,11 @@ class PreprocessSettings:
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
-  """Writes JSON to a temp file in the same directory, then renames it."""
+  """Writes JSON to a temp file in the same directory, then renames it.
+
+  Raises:
+    OSError: naming `path` when the disk is full.
+  """
   fd, tmp = tempfile.mkstemp(
     prefix=_TMP_PREFIX, suffix=".json", dir=os.path.dirname(path)
   )
@@ -96,9 +106,13 @@ def atomic_write_json(path: str, obj: Any) -> None:
       json.dump(obj, f, indent=1, sort_keys=True)
     os.chmod(tmp, 0o644)  # mkstemp creates 0600
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.remove(tmp)
+    if isinstance(e, OSError) and e.errno in _DISK_FULL:
+      raise OSError(
+        e.errno, f"disk full writing {path} ({e.strerror}); {_FREE_AND_RERUN}"
+      ) from e
     raise
 
 
@@ -128,7 +142,18 @@ def open_manifest(
         "cannot tell which settings built them. Use an empty cache directory."
       )
     return {"version": VERSION, "settings": wanted, "trials": {}, "skipped": {}}
-  manifest = read_json(path)
+  try:
+    manifest = read_json(path)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(
+      f"{path} is not valid JSON ({e}): it was damaged or edited. The trial "
+      f"directories are intact; restore the file, or delete {cache_dir} to "
+      "rebuild the cache"
+    ) from None
+  if not isinstance(manifest, dict):
+    raise ValueError(  # noqa: TRY004  (a bad file, not a bad argument)
+      f"{path}: expected a JSON object, found {type(manifest).__name__}"
+    )
   if manifest.get("version") != VERSION:
     raise ValueError(
       f"{path}: cache format version {manifest.get('version')}, this code "
@@ -172,11 +197,18 @@ def finished_trials(cache_dir: str) -> list[str]:
 
 
 def remove_stale_temporaries(cache_dir: str) -> None:
-  """Deletes leftovers of interrupted runs (one run per cache at a time)."""
+  """Deletes leftovers of interrupted runs: trial and manifest temporaries.
+
+  Only safe while no other run writes into the cache.
+  """
   root = os.path.join(cache_dir, TRIALS_DIR)
   for name in os.listdir(root) if os.path.isdir(root) else []:
     if name.startswith(_TMP_PREFIX):
       shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+  for name in os.listdir(cache_dir) if os.path.isdir(cache_dir) else []:
+    path = os.path.join(cache_dir, name)
+    if name.startswith(_TMP_PREFIX) and os.path.isfile(path):
+      os.remove(path)
 
 
 def feature_sums(
@@ -206,6 +238,7 @@ def write_trial(
 
   Raises:
     ValueError: an expected array is missing.
+    OSError: a write failed; a full disk is said so, naming the trial.
   """
   missing = [a for a in ARRAYS if a not in arrays]
   if missing:
@@ -213,18 +246,51 @@ def write_trial(
   root = os.path.join(cache_dir, TRIALS_DIR)
   os.makedirs(root, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{trial}-", dir=root)
+  path = tmp
   try:
     for name in ARRAYS:
-      np.save(os.path.join(tmp, name + ".npy"), arrays[name])
-    with open(os.path.join(tmp, META), "w") as f:
+      path = os.path.join(tmp, name + ".npy")
+      np.save(path, arrays[name])
+    path = os.path.join(tmp, META)
+    with open(path, "w") as f:
       json.dump(meta, f, indent=1)
     os.chmod(tmp, 0o755)  # mkdtemp creates 0700
     final = trial_dir(cache_dir, trial)
     os.rename(tmp, final)  # fails if `final` exists: never half-replaced
-  except BaseException:
+  except BaseException as e:
+    # Measured before the cleanup, which frees the space again.
+    free = _free_bytes(root)
     shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, OSError) and _disk_full(e, free, arrays):
+      raise OSError(
+        errno.ENOSPC,
+        f"trial {trial}: disk full writing {os.path.basename(path)} into "
+        f"{root} ({free} bytes were free; {e}); {_FREE_AND_RERUN}",
+      ) from e
     raise
   return final
+
+
+def _free_bytes(directory: str) -> int | None:
+  try:
+    return shutil.disk_usage(directory).free
+  except OSError:
+    return None
+
+
+def _disk_full(
+  error: OSError, free: int | None, arrays: dict[str, np.ndarray]
+) -> bool:
+  """Whether `error`, a failed write of `arrays`, means the disk is full.
+
+  numpy reports a short write as "N requested and M written", without an
+  errno, so a failure with less space left (`free` bytes) than the trial's
+  arrays take counts as a full disk too.
+  """
+  if error.errno in _DISK_FULL:
+    return True
+  needed = sum(np.asarray(a).nbytes for a in arrays.values())
+  return free is not None and free < needed
 
 
 def read_trial(cache_dir: str, trial: str) -> dict[str, Any]:

@@ -15,15 +15,24 @@
    temporary directory and renamed when complete. The manifest is rewritten
    atomically after each trial, so an interrupted run resumes where it
    stopped: finished trial directories are skipped.
+
+Workers die with the process that started them (`kill -9` of it alone
+included), so no orphan keeps writing into the cache; a worker that dies
+fails the run with `BrokenProcessPool`, naming the trials it was building.
 """
 
 import concurrent.futures
+import ctypes
 import dataclasses
 import functools
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 import warnings
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
@@ -32,7 +41,9 @@ from absl import logging
 from affjax.data.preprocess import audio, cache, labels, layout, video
 from affjax.data.preprocess.cache import PreprocessSettings
 
-__all__ = ["PreprocessSettings", "preprocess"]
+__all__ = ["BrokenProcessPool", "PreprocessSettings", "preprocess"]
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +187,105 @@ def _build_trial(job: _Job, settings: PreprocessSettings, cache_dir: str):
   return meta
 
 
+# In a worker: the parent's queue of started trials (see `_build_in_pool`).
+_started = None
+
+
+def _die_with_parent(parent_pid: int) -> None:
+  """Ends this worker process when its parent `parent_pid` dies.
+
+  Spawn workers otherwise outlive a `kill -9` of the preprocessing process:
+  they go on building the trials queued to them, writing into the cache
+  while the user reruns.
+  """
+  if sys.platform.startswith("linux"):
+    # The kernel sends SIGKILL when the thread that spawned this process
+    # exits. The pool spawns its workers from the thread calling `submit`,
+    # which stays in `_build_in_pool` until the pool is shut down.
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+      code = ctypes.get_errno()
+      raise OSError(code, f"prctl(PR_SET_PDEATHSIG): {os.strerror(code)}")
+  else:
+
+    def watch():
+      while os.getppid() == parent_pid:
+        time.sleep(1.0)
+      os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+  # The parent may have died before prctl took effect: no signal would come.
+  if os.getppid() != parent_pid:
+    os._exit(1)
+
+
+def _init_worker(parent_pid: int, started: Any) -> None:
+  global _started
+  _die_with_parent(parent_pid)
+  _started = started
+
+
+def _build_in_worker(job: _Job, settings: PreprocessSettings, cache_dir: str):
+  # Sent before the work starts (a SimpleQueue writes synchronously), so the
+  # parent knows what a killed worker was building.
+  _started.put(job.source.name)
+  return _build_trial(job, settings, cache_dir)
+
+
+def _worker_died(building: set[str], unfinished: list[str]):
+  """The error of a run whose worker died (the pool is broken)."""
+  if building:
+    during = f"while trials {', '.join(sorted(building))} were being built"
+  else:
+    during = "before it began a trial"
+  shown = ", ".join(unfinished[:10]) + (", ..." if len(unfinished) > 10 else "")
+  return BrokenProcessPool(
+    f"a preprocessing worker died (killed by a signal, e.g. by the "
+    f"out-of-memory killer) {during}; {len(unfinished)} trials are "
+    f"unfinished ({shown}). Rerun the same command to build them (finished "
+    "trials are kept); if it happens again, use fewer workers"
+  )
+
+
+def _build_in_pool(jobs, settings, cache_dir, num_workers, record):
+  """Phase 2 in spawn worker processes; `record(meta)` after each trial."""
+  context = multiprocessing.get_context("spawn")
+  started = context.SimpleQueue()  # trial names, as workers begin them
+  begun, finished = set(), set()
+
+  def drain():
+    # Also keeps the queue's pipe from filling up and blocking the workers.
+    while not started.empty():
+      begun.add(started.get())
+
+  # Longest trials first keeps the workers busy until the end.
+  ordered = sorted(jobs, key=lambda j: -j.n_frames)
+  with concurrent.futures.ProcessPoolExecutor(
+    max_workers=min(num_workers, len(jobs)),
+    mp_context=context,
+    initializer=_init_worker,
+    initargs=(os.getpid(), started),
+  ) as pool:
+    futures = [
+      pool.submit(_build_in_worker, j, settings, cache_dir) for j in ordered
+    ]
+    try:
+      for future in concurrent.futures.as_completed(futures):
+        drain()
+        meta = future.result()
+        finished.add(meta["trial"])
+        record(meta)
+    except BrokenProcessPool:
+      pool.shutdown(wait=True, cancel_futures=True)
+      drain()
+      unfinished = [j.source.name for j in ordered]
+      unfinished = [n for n in unfinished if n not in finished]
+      raise _worker_died(begun - finished, sorted(unfinished)) from None
+    except BaseException:
+      pool.shutdown(wait=True, cancel_futures=True)
+      raise
+
+
 def _reconcile(manifest, cache_dir, wanted):
   """Makes manifest["trials"] list exactly the finished trial directories."""
   done = set(cache.finished_trials(cache_dir))
@@ -218,8 +328,11 @@ def preprocess(
     "skipped": {name: {"partition", "reason"}}}.
 
   Raises:
-    FileNotFoundError, ValueError: bad inputs (every file named) or a
-      settings mismatch with the existing cache.
+    FileNotFoundError, ValueError: bad inputs (every file named), a settings
+      mismatch with the existing cache, or an unreadable manifest.
+    OSError: a write failed (a full disk names the trial).
+    BrokenProcessPool: a worker died (e.g. out of memory); the message names
+      the trials being built. Rerunning resumes.
   """
   settings = settings or PreprocessSettings()
   raw_dir = os.path.abspath(raw_dir)
@@ -253,20 +366,6 @@ def preprocess(
   if num_workers <= 1 or len(jobs) <= 1:
     for job in jobs:
       record(_build_trial(job, settings, cache_dir))
-    return manifest
-  context = multiprocessing.get_context("spawn")
-  with concurrent.futures.ProcessPoolExecutor(
-    max_workers=min(num_workers, len(jobs)), mp_context=context
-  ) as pool:
-    # Longest trials first keeps the workers busy until the end.
-    ordered = sorted(jobs, key=lambda j: -j.n_frames)
-    futures = [
-      pool.submit(_build_trial, j, settings, cache_dir) for j in ordered
-    ]
-    try:
-      for future in concurrent.futures.as_completed(futures):
-        record(future.result())
-    except BaseException:
-      pool.shutdown(wait=True, cancel_futures=True)
-      raise
+  else:
+    _build_in_pool(jobs, settings, cache_dir, num_workers, record)
   return manifest
