@@ -44,7 +44,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from affjax.data import folds
+from affjax.data import dirlock, folds
 
 NAME = "aff_wild2"
 DATASET_VERSION = "1.0.0"
@@ -246,11 +246,20 @@ def build(cache_dir: str, tfds_dir: str) -> str:
   An existing dataset is kept when its recorded fingerprint equals the
   cache's (same manifest, settings and embeddings); otherwise it is deleted
   and rebuilt. tfds writes into a temporary directory and renames it, so an
-  interrupted build leaves no dataset that looks complete.
+  interrupted build leaves no dataset that looks complete. A second build
+  into the same `tfds_dir` waits for the first (`<tfds_dir>/.lock`), then
+  finds the dataset current.
 
   Returns:
     The dataset directory (`dataset_dir(tfds_dir)`).
   """
+  os.makedirs(tfds_dir, exist_ok=True)
+  with dirlock.hold(dirlock.inside(tfds_dir), f"TFDS directory {tfds_dir}"):
+    return _build_once(cache_dir, tfds_dir)
+
+
+def _build_once(cache_dir: str, tfds_dir: str) -> str:
+  """`build` holding the lock of `tfds_dir`."""
   out = dataset_dir(tfds_dir)
   scan = scan_cache(cache_dir)
   if os.path.isfile(os.path.join(out, "dataset_info.json")):

@@ -27,7 +27,8 @@ some trials lose the face for a few frames (absent from the video and from
 
 Everything is deterministic from `seed`; the dataset is built in a temporary
 sibling directory and renamed into place, so a partial dataset never looks
-finished.
+finished. Concurrent calls on one directory take turns (a lock file beside
+it, see `affjax.data.dirlock`).
 """
 
 import dataclasses
@@ -39,6 +40,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from affjax.data import dirlock
 
 # Weight of the label in what each modality expresses (the rest is nuisance):
 # valence is mostly visible, arousal is half visible and mostly audible.
@@ -392,6 +395,14 @@ def generate(
       f"need 0 < min_seconds <= max_seconds, got {min_seconds}, {max_seconds}"
     )
   out_dir = os.path.abspath(out_dir)
+  # Beside, not inside: the dataset directory appears by a rename. A second
+  # run (a parallel fold sweep) waits, then finds the dataset made.
+  with dirlock.hold(dirlock.beside(out_dir), f"synthetic dataset {out_dir}"):
+    _generate_once(out_dir, args)
+
+
+def _generate_once(out_dir: str, args: dict[str, Any]) -> None:
+  """`generate` holding the lock of `out_dir`."""
   summary_path = os.path.join(out_dir, SUMMARY)
   if os.path.isfile(summary_path):
     with open(summary_path) as f:

@@ -12,7 +12,8 @@ file is in place, so an existing `trials/<trial>` is always complete. The
 manifest is rewritten atomically (temp file + `os.replace`) after each trial;
 if a run dies between the rename and the manifest update, the next run adds
 the trial back from its `meta.json`. Temporaries (`.tmp-*`) left by a killed
-run are deleted by the next one.
+run are deleted by the next one; `<cache_dir>/.lock` (see
+`affjax.data.dirlock`) keeps a second run from writing at the same time.
 
 `meta.json["feature_sums"]` holds, per audio feature, the frame count and
 the per-dimension sum and sum of squares (float64) over the trial's
@@ -199,7 +200,7 @@ def finished_trials(cache_dir: str) -> list[str]:
 def remove_stale_temporaries(cache_dir: str) -> None:
   """Deletes leftovers of interrupted runs: trial and manifest temporaries.
 
-  Only safe while no other run writes into the cache.
+  Only safe while holding the cache's lock (no other run is writing).
   """
   root = os.path.join(cache_dir, TRIALS_DIR)
   for name in os.listdir(root) if os.path.isdir(root) else []:

@@ -16,6 +16,8 @@
    atomically after each trial, so an interrupted run resumes where it
    stopped: finished trial directories are skipped.
 
+Both phases run holding the cache's lock (`affjax.data.dirlock`): a second
+run on the same cache waits, then finds the trials the first one built.
 Workers die with the process that started them (`kill -9` of it alone
 included), so no orphan keeps writing into the cache; a worker that dies
 fails the run with `BrokenProcessPool`, naming the trials it was building.
@@ -38,6 +40,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from affjax.data import dirlock
 from affjax.data.preprocess import audio, cache, labels, layout, video
 from affjax.data.preprocess.cache import PreprocessSettings
 
@@ -314,6 +317,9 @@ def preprocess(
 ) -> dict[str, Any]:
   """Builds (or completes) the feature cache of a raw Aff-Wild2 dataset.
 
+  Waits while another process builds the same cache (its lock), then
+  resumes from what that run left.
+
   Args:
     raw_dir: raw layout (see `layout`).
     cache_dir: output; created if needed. See `cache` for the format.
@@ -339,33 +345,35 @@ def preprocess(
   sources = layout.find_trials(raw_dir, test_list, trials)
   _check_vggish_checkpoint(settings.vggish_checkpoint)
   os.makedirs(cache_dir, exist_ok=True)
-  manifest = cache.open_manifest(cache_dir, settings)
-  manifest["raw_dir"] = raw_dir
-  cache.remove_stale_temporaries(cache_dir)
-  done = _reconcile(manifest, cache_dir, {s.name for s in sources})
-  todo = [s for s in sources if s.name not in done]
-  jobs, skipped = _check_all(todo, settings)
-  for name in manifest["skipped"].copy():
-    if name in done or name in {j.source.name for j in jobs}:
-      del manifest["skipped"][name]
-  manifest["skipped"].update(skipped)
-  manifest_path = os.path.join(cache_dir, cache.MANIFEST)
-  cache.atomic_write_json(manifest_path, manifest)
-  logging.info(
-    "%d trials cached, %d to build, %d skipped",
-    len(done),
-    len(jobs),
-    len(manifest["skipped"]),
-  )
-
-  def record(meta):
-    manifest["trials"][meta["trial"]] = cache.manifest_entry(meta)
-    manifest["trials"] = dict(sorted(manifest["trials"].items()))
+  with dirlock.hold(dirlock.inside(cache_dir), f"feature cache {cache_dir}"):
+    # Read under the lock: a run that held it may have built trials.
+    manifest = cache.open_manifest(cache_dir, settings)
+    manifest["raw_dir"] = raw_dir
+    cache.remove_stale_temporaries(cache_dir)
+    done = _reconcile(manifest, cache_dir, {s.name for s in sources})
+    todo = [s for s in sources if s.name not in done]
+    jobs, skipped = _check_all(todo, settings)
+    for name in manifest["skipped"].copy():
+      if name in done or name in {j.source.name for j in jobs}:
+        del manifest["skipped"][name]
+    manifest["skipped"].update(skipped)
+    manifest_path = os.path.join(cache_dir, cache.MANIFEST)
     cache.atomic_write_json(manifest_path, manifest)
+    logging.info(
+      "%d trials cached, %d to build, %d skipped",
+      len(done),
+      len(jobs),
+      len(manifest["skipped"]),
+    )
 
-  if num_workers <= 1 or len(jobs) <= 1:
-    for job in jobs:
-      record(_build_trial(job, settings, cache_dir))
-  else:
-    _build_in_pool(jobs, settings, cache_dir, num_workers, record)
+    def record(meta):
+      manifest["trials"][meta["trial"]] = cache.manifest_entry(meta)
+      manifest["trials"] = dict(sorted(manifest["trials"].items()))
+      cache.atomic_write_json(manifest_path, manifest)
+
+    if num_workers <= 1 or len(jobs) <= 1:
+      for job in jobs:
+        record(_build_trial(job, settings, cache_dir))
+    else:
+      _build_in_pool(jobs, settings, cache_dir, num_workers, record)
   return manifest
