@@ -8,7 +8,8 @@ training cases (raw, cache, TFDS) is built once, in-process, exactly as
 `affjax.data.prepare` builds it for `configs/test.py`, so the children find
 it ready.
 
-Cases that fail on main today live in `test_reliability_bad_inputs_pending.py`.
+A bad config override fails with one "FATAL Flags parsing error" line (no
+traceback) naming the argument and, for a misspelled key, the nearest key.
 """
 
 import hashlib
@@ -276,6 +277,22 @@ def test_config_value_of_the_wrong_type_or_range(
   assert result.returncode != 0
   assert expected in result.stderr, result.stderr[-4000:]
   assert not os.path.exists(checkpoints.directory(workdir))
+
+
+def test_misspelled_config_key_names_the_argument(data, tmp_path):
+  result = _train(str(tmp_path / "w"), data, "--config.model.kernal_size=3")
+  assert result.returncode != 0
+  err = result.stderr
+  assert "--config.model.kernal_size=3: the config has no field" in err, err
+  assert "'kernal_size'" in err and "kernel_size" in err, err
+  assert "Traceback" not in err, err[-3000:]
+
+
+def test_wrong_type_fails_without_a_traceback(data, tmp_path):
+  result = _train(str(tmp_path / "w"), data, "--config.data.window_length=abc")
+  assert result.returncode != 0
+  assert "--config.data.window_length=abc" in result.stderr
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
 def test_workdir_with_checkpoints_of_another_config(data, tmp_path):
