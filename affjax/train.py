@@ -559,6 +559,8 @@ def train_and_evaluate(
   paths = _prepare_data(config, workdir)
   train_split = pipeline.load_split(config.data, paths, "train")
   val_split = pipeline.load_split(config.data, paths, "validation")
+  for split in (train_split, val_split):
+    pipeline.require_trials(split, paths, config.data.fold)
   settings = cache_settings(paths.cache_dir)
 
   program = build_program(config, mesh)
@@ -744,6 +746,7 @@ def evaluate_checkpoint(
 
   paths = _prepare_data(config, workdir)
   data_split = pipeline.load_split(config.data, paths, split)
+  pipeline.require_trials(data_split, paths, config.data.fold)
   out_dir = out_dir or os.path.join(workdir, "eval", f"{split}_{step}")
   results = evaluate_split(
     program.eval_step,

@@ -8,8 +8,10 @@ training cases (raw, cache, TFDS) is built once, in-process, exactly as
 `affjax.data.prepare` builds it for `configs/test.py`, so the children find
 it ready.
 
-A bad config override fails with one "FATAL Flags parsing error" line (no
-traceback) naming the argument and, for a misspelled key, the nearest key.
+Besides failing, some cases must fail early or cleanly: a split left empty by
+skipped trials stops the run before any training step, and a bad config
+override is one "FATAL Flags parsing error" line (no traceback) naming the
+argument and, for a misspelled key, the nearest existing key.
 """
 
 import hashlib
@@ -234,6 +236,26 @@ def test_trial_with_every_label_invalid_is_skipped_with_a_warning(
   manifest = cache.read_json(os.path.join(out, cache.MANIFEST))
   assert trial in manifest["skipped"] and trial not in manifest["trials"]
   assert trial not in cache.finished_trials(out)
+
+
+def test_empty_validation_split_stops_before_training(data, tmp_path):
+  """The only validation trial of fold 0 has no valid label (skipped)."""
+  dirs = _fresh(tmp_path, _copy(data, tmp_path, "raw"), "cache", "tfds")
+  trial = _first_trial(dirs["raw"], "Validation_Set")
+  path = _annotation(dirs["raw"], trial)
+  n = len(labels.read_annotation(path))
+  with open(path, "w") as f:
+    f.write("valence,arousal\n" + "-5,-5\n" * n)
+  workdir = str(tmp_path / "work")
+  result = _train(workdir, dirs)
+  assert result.returncode != 0
+  err = result.stderr
+  # The failure names the split and the trial (the skip warning alone
+  # names the trial's annotation file under Validation_Set/).
+  message = err[err.rfind("Error") :]
+  assert "validation" in message and trial in message, err[-3000:]
+  assert "train/loss" not in err, "trained before failing"
+  assert not os.path.exists(checkpoints.directory(workdir))
 
 
 # ----------------------------------------------------------------------------
