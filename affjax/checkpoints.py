@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,7 +39,13 @@ def directory(workdir: str) -> str:
 
 
 def _best_metric(metrics: Mapping[str, float]) -> float:
-  return metrics[BEST_METRIC]
+  """The ranking score of a checkpoint; non-finite scores rank lowest.
+
+  orbax sorts by this value, and NaN compares false with everything, so an
+  unguarded NaN can sort above the real best and have it deleted.
+  """
+  value = float(metrics[BEST_METRIC])
+  return value if math.isfinite(value) else -math.inf
 
 
 def create_manager(
@@ -97,7 +104,8 @@ def save(
     state: train state (a pytree of jax.Arrays).
     config: the run's config.
     metadata: JSON-serialisable run metadata (see module docstring).
-    ccc_mean: the epoch's mean validation CCC, ranks checkpoints for "best".
+    ccc_mean: the epoch's mean validation CCC, ranks checkpoints for "best"
+      (a non-finite value ranks below every finite one).
   """
   manager.save(
     step,

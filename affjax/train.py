@@ -270,6 +270,42 @@ def check_finite(metrics: Metrics, first_step: int, last_step: int) -> None:
     )
 
 
+def check_finite_score(results: Mapping[str, Any], epoch: int) -> None:
+  """Raises FloatingPointError naming the trials if validation is not finite.
+
+  A NaN validation score must stop the run before it reaches the plateau
+  logic or the checkpoint manager: nothing of this epoch is saved, so the
+  latest and best checkpoints stay as they were. Non-finite predictions do
+  not always show in the CCC (`affjax.metrics.ccc_from_moments` maps an
+  undefined denominator, NaN included, to 0) but always in the RMSE, so
+  both are checked; a trial is named when its RMSE over its labelled frames
+  is not finite.
+
+  Args:
+    results: `affjax.evaluate.compute_results` of the validation split.
+    epoch: the epoch being validated, for the message.
+  """
+  overall = results["overall"]
+  rmse = {e: m["rmse"] for e, m in overall.items()}
+  if np.all(np.isfinite([results["ccc_mean"], *rmse.values()])):
+    return
+  bad = sorted(
+    name
+    for name, per_emotion in results["trials"].items()
+    if any(
+      m["num_frames"] > 0 and not np.isfinite(m["rmse"])
+      for m in per_emotion.values()
+    )
+  )
+  raise FloatingPointError(
+    f"epoch {epoch}: non-finite validation scores (ccc_mean "
+    f"{results['ccc_mean']}, rmse {rmse}); trials with non-finite "
+    f"predictions on labelled frames: {bad}. Check their cached features "
+    "or lower config.optim.learning_rate; nothing of this epoch was "
+    "checkpointed"
+  )
+
+
 def train_epoch(
   state: TrainState,
   train_step,
@@ -523,6 +559,8 @@ def train_and_evaluate(
   paths = _prepare_data(config, workdir)
   train_split = pipeline.load_split(config.data, paths, "train")
   val_split = pipeline.load_split(config.data, paths, "validation")
+  for split in (train_split, val_split):
+    pipeline.require_trials(split, paths, config.data.fold)
   settings = cache_settings(paths.cache_dir)
 
   program = build_program(config, mesh)
@@ -592,6 +630,7 @@ def train_and_evaluate(
         results = evaluate_split(
           eval_step, run.state, mesh, config, paths, val_split
         )
+      check_finite_score(results, epoch)
       run.plateau, improved = optim.end_epoch(
         setup.plateau, run.plateau, results["ccc_mean"]
       )
@@ -707,6 +746,7 @@ def evaluate_checkpoint(
 
   paths = _prepare_data(config, workdir)
   data_split = pipeline.load_split(config.data, paths, split)
+  pipeline.require_trials(data_split, paths, config.data.fold)
   out_dir = out_dir or os.path.join(workdir, "eval", f"{split}_{step}")
   results = evaluate_split(
     program.eval_step,

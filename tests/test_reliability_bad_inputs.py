@@ -8,7 +8,10 @@ training cases (raw, cache, TFDS) is built once, in-process, exactly as
 `affjax.data.prepare` builds it for `configs/test.py`, so the children find
 it ready.
 
-Cases that fail on main today live in `test_reliability_bad_inputs_pending.py`.
+Besides failing, some cases must fail early or cleanly: a split left empty by
+skipped trials stops the run before any training step, and a bad config
+override is one "FATAL Flags parsing error" line (no traceback) naming the
+argument and, for a misspelled key, the nearest existing key.
 """
 
 import hashlib
@@ -235,6 +238,26 @@ def test_trial_with_every_label_invalid_is_skipped_with_a_warning(
   assert trial not in cache.finished_trials(out)
 
 
+def test_empty_validation_split_stops_before_training(data, tmp_path):
+  """The only validation trial of fold 0 has no valid label (skipped)."""
+  dirs = _fresh(tmp_path, _copy(data, tmp_path, "raw"), "cache", "tfds")
+  trial = _first_trial(dirs["raw"], "Validation_Set")
+  path = _annotation(dirs["raw"], trial)
+  n = len(labels.read_annotation(path))
+  with open(path, "w") as f:
+    f.write("valence,arousal\n" + "-5,-5\n" * n)
+  workdir = str(tmp_path / "work")
+  result = _train(workdir, dirs)
+  assert result.returncode != 0
+  err = result.stderr
+  # The failure names the split and the trial (the skip warning alone
+  # names the trial's annotation file under Validation_Set/).
+  message = err[err.rfind("Error") :]
+  assert "validation" in message and trial in message, err[-3000:]
+  assert "train/loss" not in err, "trained before failing"
+  assert not os.path.exists(checkpoints.directory(workdir))
+
+
 # ----------------------------------------------------------------------------
 # Feature cache.
 
@@ -276,6 +299,22 @@ def test_config_value_of_the_wrong_type_or_range(
   assert result.returncode != 0
   assert expected in result.stderr, result.stderr[-4000:]
   assert not os.path.exists(checkpoints.directory(workdir))
+
+
+def test_misspelled_config_key_names_the_argument(data, tmp_path):
+  result = _train(str(tmp_path / "w"), data, "--config.model.kernal_size=3")
+  assert result.returncode != 0
+  err = result.stderr
+  assert "--config.model.kernal_size=3: the config has no field" in err, err
+  assert "'kernal_size'" in err and "kernel_size" in err, err
+  assert "Traceback" not in err, err[-3000:]
+
+
+def test_wrong_type_fails_without_a_traceback(data, tmp_path):
+  result = _train(str(tmp_path / "w"), data, "--config.data.window_length=abc")
+  assert result.returncode != 0
+  assert "--config.data.window_length=abc" in result.stderr
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
 def test_workdir_with_checkpoints_of_another_config(data, tmp_path):

@@ -1,16 +1,20 @@
-"""NaN/Inf: training stops with a message naming the step and never
-overwrites the checkpoints it had.
+"""NaN/Inf: training stops with a message naming the step or the trial and
+never overwrites the checkpoints it had.
 
 In-process runs of `train.train_and_evaluate` with `configs/test.py` (8 fake
 devices). A clean run is stopped after two epochs (checkpoints 1 and 2), then
 (a copy of) its workdir is resumed with
 
-* NaN written into a few rows of one training trial's cached VGGish features;
+* NaN written into a few rows of one training trial's cached VGGish features:
+  the error must name the trial;
+* NaN in one validation trial's cached features, or in the model's
+  predictions for it: training must stop naming the trial, and no checkpoint
+  with a NaN score may be saved;
 * a NaN parameter update injected at a known step (as a non-finite gradient
   would produce): the step must be named.
 
-`tests/test_reliability_nan_pending.py` holds the cases that fail today
-(trial naming, NaN validation scores).
+Plus the checkpoint manager itself: a NaN score never displaces the best
+checkpoint (orbax's BestN, given a NaN metric, would delete the real best).
 """
 
 import collections
@@ -21,6 +25,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -130,6 +135,54 @@ def test_nan_in_training_data_stops_and_keeps_the_checkpoints(corrupt):
   assert _checkpoint_state(workdir) == before
 
 
+def test_nan_in_a_training_trial_names_the_trial(corrupt):
+  config, workdir, poison = corrupt
+  trial = poison("train", "vggish.npy", slice(10, 13))
+  with pytest.raises((FloatingPointError, ValueError)) as info:
+    train.train_and_evaluate(config, workdir)
+  assert trial in str(info.value), str(info.value)
+
+
+def test_nan_in_a_validation_trial_stops_without_saving(corrupt):
+  config, workdir, poison = corrupt
+  trial = poison("validation", "mfcc.npy", slice(0, 3))
+  before = _checkpoint_state(workdir)
+  with pytest.raises((FloatingPointError, ValueError)) as info:
+    train.train_and_evaluate(config, workdir)
+  assert trial in str(info.value), str(info.value)
+  assert _checkpoint_state(workdir) == before
+
+
+def test_nan_validation_predictions_stop_before_saving(
+  base, tmp_path, monkeypatch
+):
+  """A NaN score from the model (not the data) is caught by the loop."""
+  data_dirs, clean = base
+  workdir = str(tmp_path / "work")
+  shutil.copytree(clean, workdir)
+  config = _config(data_dirs)
+  paths = prepare_lib.resolve_paths(config.data, workdir)
+  trial = pipeline.load_split(config.data, paths, "validation").trial_names[0]
+  real = train.make_predict_fn
+
+  def nan_for_first_trial(*args, **kwargs):
+    predict = real(*args, **kwargs)
+
+    def wrapped(batch):
+      preds = np.array(predict(batch))
+      preds[np.asarray(batch["trial"]) == 0] = np.nan
+      return preds
+
+    return wrapped
+
+  monkeypatch.setattr(train, "make_predict_fn", nan_for_first_trial)
+  before = _checkpoint_state(workdir)
+  with pytest.raises(FloatingPointError) as info:
+    train.train_and_evaluate(config, workdir)
+  assert trial in str(info.value), str(info.value)
+  assert _checkpoint_state(workdir) == before
+
+
 POISON_STEP = 7  # state.step at the poisoned update (epoch 2 is steps 6..8)
 
 
@@ -170,3 +223,23 @@ def test_nan_update_names_the_step(base, tmp_path, monkeypatch):
 
 def config_log_every(data_dirs):
   return _config(data_dirs).train.log_every_steps
+
+
+@pytest.mark.parametrize(
+  "scores, best",
+  [
+    ((0.5, 0.7, float("nan")), 2),
+    ((0.5, float("nan"), 0.3), 1),
+    ((float("nan"), 0.2, 0.1), 2),
+  ],
+)
+def test_nan_score_never_displaces_the_best_checkpoint(tmp_path, scores, best):
+  manager = checkpoints.create_manager(str(tmp_path))
+  config = ml_collections.ConfigDict({"a": 1})
+  for step, score in enumerate(scores, start=1):
+    checkpoints.save(manager, step, {"x": jnp.ones(3)}, config, {}, score)
+    manager.wait_until_finished()
+  assert manager.best_step() == best
+  assert manager.latest_step() == len(scores)
+  assert set(manager.all_steps()) == {best, len(scores)}
+  manager.close()

@@ -223,7 +223,34 @@ class AffWild2(tfds.core.GeneratorBasedBuilder):
       for key in ("labels", *AUDIO_FEATURES, EMBEDDINGS):
         if key in ex:
           ex[key] = ex[key].astype(np.float32)
+          check_finite(ex[key], os.path.join(d, key + ".npy"), name)
       yield name, ex
+
+
+def check_finite(values: np.ndarray, path: str, trial: str) -> None:
+  """Raises ValueError naming the file, trial and rows holding NaN/Inf.
+
+  A non-finite cached feature otherwise surfaces only as a NaN training loss
+  (naming a step range) or a NaN validation score, epochs later. One
+  vectorised pass over an array that is read anyway.
+
+  Args:
+    values: `[T, ...]` float array of one trial.
+    path: the `.npy` file it was read from, for the message.
+    trial: the trial's name, for the message.
+  """
+  finite = np.isfinite(values).all(axis=tuple(range(1, values.ndim)))
+  if finite.all():
+    return
+  rows = np.flatnonzero(~finite)
+  shown = ", ".join(str(r) for r in rows[:10]) + (
+    ", ..." if len(rows) > 10 else ""
+  )
+  raise ValueError(
+    f"{path}: {len(rows)} of {len(values)} rows of trial {trial!r} hold "
+    f"NaN or Inf (rows {shown}); delete {os.path.dirname(path)} and "
+    "prepare the data again to rebuild the trial from the raw data"
+  )
 
 
 def read_metadata(tfds_dir: str) -> dict[str, Any]:

@@ -66,6 +66,7 @@ from affjax.data.splits import (  # noqa: F401  (the Data API's names)
   Split,
   feature_stats,
   load_split,
+  require_trials,
   shift_labels,
   split_trials,
 )

@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import json
 import os
 import threading
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ VISUAL = ("frames", "embeddings")
 INVALID_LABEL = -5.0
 SPLITS = ("train", "validation", "test")
 _MEMO_SPLITS = 16
+_MANIFEST = "manifest.json"  # of the feature cache
 
 
 @dataclasses.dataclass
@@ -155,6 +157,67 @@ def split_trials(meta: dict[str, Any], fold: int, split: str) -> list[str]:
   else:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   return sorted(names)
+
+
+def _skipped_trials(cache_dir: str) -> dict[str, dict[str, Any]]:
+  """`manifest.json["skipped"]` of the feature cache; {} if unreadable."""
+  try:
+    with open(os.path.join(cache_dir, _MANIFEST)) as f:
+      return dict(json.load(f).get("skipped", {}))
+  except (OSError, ValueError, AttributeError):
+    return {}
+
+
+def _partitions(fold: int, split: str) -> set[str]:
+  """Raw partitions ('train', 'validation', 'test') feeding `split`."""
+  if split == "test":
+    return {"test"}
+  train_ids, val_id = folds.fold_chunks(fold)
+  ids = train_ids if split == "train" else [val_id]
+  # The last chunk is the official validation set (`affwild2.CHUNKS`).
+  last = len(affwild2.CHUNKS) - 1
+  return {"validation" if i == last else "train" for i in ids}
+
+
+def require_trials(split: Split, paths: Any, fold: int) -> None:
+  """Raises ValueError if `split` has no trial, naming the skipped trials.
+
+  Preprocessing skips trials without a single valid label and records them
+  under the cache's `manifest.json["skipped"]`. A split emptied that way
+  must stop a run before training: otherwise a whole epoch trains before
+  evaluation finds nothing to score.
+
+  Args:
+    split: from `load_split`.
+    paths: `affjax.data.prepare.DataPaths` (cache_dir).
+    fold: `config.data.fold`.
+  """
+  if split.trial_names:
+    return
+  partitions = _partitions(fold, split.name)
+  skipped = {
+    name: entry
+    for name, entry in sorted(_skipped_trials(paths.cache_dir).items())
+    if entry.get("partition") in partitions
+  }
+  where = f"the {split.name} split of fold {fold} (config.data.fold)"
+  if not skipped:
+    raise ValueError(
+      f"{where} has no trials: the dataset in {paths.tfds_dir} has none of "
+      f"partition {sorted(partitions)} for it; add trials to the raw data "
+      "or choose another config.data.fold"
+    )
+  listed = "; ".join(
+    f"{name} ({entry.get('reason', 'no reason recorded')})"
+    for name, entry in skipped.items()
+  )
+  raise ValueError(
+    f"{where} has no trials: preprocessing skipped {len(skipped)} trial(s) "
+    f"of partition {sorted(partitions)}, as recorded in "
+    f'{os.path.join(paths.cache_dir, _MANIFEST)}["skipped"]: {listed}. '
+    "Fix their annotations and preprocess again, or choose another "
+    "config.data.fold"
+  )
 
 
 def feature_stats(meta: dict[str, Any], train_names: Sequence[str],
