@@ -70,6 +70,7 @@ EVAL_SAFE_KEYS = RESUME_SAFE_KEYS + (
   "seed",
   "data.synthetic",
   "model.backbone_checkpoint",
+  "model.head_checkpoint",
   *(
     f"optim.{k}"
     for k in (
@@ -455,6 +456,8 @@ def _restore_or_init(
       state = ts.load_backbone_checkpoint(
         state, config.model.backbone_checkpoint
       )
+    if config.model.head_checkpoint:
+      state = ts.load_head_checkpoint(state, config.model.head_checkpoint)
     parameter_overview.log_parameter_overview(
       state.params, jax_logging_process=0
     )
