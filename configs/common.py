@@ -156,6 +156,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.split = "validation"
   c.eval.plots = True  # per-trial PNGs in --mode=evaluate
+  # --mode=train ends by scoring the best checkpoint on `eval.split`
+  # (results.json, per-trial predictions and plots under <workdir>/eval/).
+  c.eval.after_training = True
   return c
 
 
