@@ -24,7 +24,9 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -169,6 +171,26 @@ def restore(
     config=out["config"],
     metadata=out["metadata"],
   )
+
+
+def restore_params(manager: ocp.CheckpointManager, step: int) -> PyTree:
+  """The `params` of checkpoint `step` as saved (host numpy arrays).
+
+  Needs no abstract state, so it reads checkpoints of runs with another model
+  (e.g. the cached-embedding head for an end-to-end run).
+
+  Raises:
+    FileNotFoundError: if the checkpoint does not exist.
+  """
+  if step not in manager.all_steps():
+    raise FileNotFoundError(
+      f"checkpoint step {step} not in {manager.directory}; available: "
+      f"{sorted(manager.all_steps())}"
+    )
+  out = manager.restore(
+    step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+  )
+  return jax.tree.map(np.asarray, out["state"]["params"])
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

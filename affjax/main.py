@@ -251,8 +251,17 @@ def main(argv) -> None:
   from affjax import train  # pylint: disable=g-import-not-at-top
 
   if FLAGS.mode == "train":
-    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    logging.info("Training done: %s", summary)
+    summary, results = train.train_then_evaluate(FLAGS.config, FLAGS.workdir)
+    logging.info(
+      "Training done after %d epochs (%s): best epoch %d, validation CCC "
+      "mean %.4f.",
+      summary["epochs"],
+      summary["stop_reason"],
+      summary["best_epoch"],
+      summary["best_ccc"],
+    )
+    if results is not None:
+      logging.info("Results, predictions and plots: %s", results["out_dir"])
   else:
     results = train.evaluate_checkpoint(
       FLAGS.config, FLAGS.workdir, split=FLAGS.split, out_dir=FLAGS.out

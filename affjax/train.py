@@ -70,6 +70,7 @@ EVAL_SAFE_KEYS = RESUME_SAFE_KEYS + (
   "seed",
   "data.synthetic",
   "model.backbone_checkpoint",
+  "model.head_checkpoint",
   *(
     f"optim.{k}"
     for k in (
@@ -491,6 +492,8 @@ def _restore_or_init(
       state = ts.load_backbone_checkpoint(
         state, config.model.backbone_checkpoint
       )
+    if config.model.head_checkpoint:
+      state = ts.load_head_checkpoint(state, config.model.head_checkpoint)
     parameter_overview.log_parameter_overview(
       state.params, jax_logging_process=0
     )
@@ -708,6 +711,22 @@ def _log_epoch(
   )
 
 
+def train_then_evaluate(
+  config: ml_collections.ConfigDict, workdir: str
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+  """`--mode=train`: trains, then (if `config.eval.after_training`) scores
+  the best checkpoint on `config.eval.split`, writing its files.
+
+  Returns:
+    The `train_and_evaluate` summary and the `evaluate_checkpoint` results
+    (None when `after_training` is off).
+  """
+  summary = train_and_evaluate(config, workdir)
+  if not config.eval.after_training:
+    return summary, None
+  return summary, evaluate_checkpoint(config, workdir)
+
+
 def evaluate_checkpoint(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -722,7 +741,8 @@ def evaluate_checkpoint(
   plots to `out_dir` (default `<workdir>/eval/<split>_<step>`).
 
   Returns:
-    The results dict of `affjax.evaluate.compute_results` plus `"step"`.
+    The results dict of `affjax.evaluate.compute_results` plus `"step"`
+    and `"out_dir"`.
   """
   ts.check_config(config)
   workdir = os.path.abspath(workdir)
@@ -767,4 +787,4 @@ def evaluate_checkpoint(
     out_dir,
   )
   multihost_utils.sync_global_devices("affjax:evaluate_done")
-  return dict(results, step=step)
+  return dict(results, step=step, out_dir=out_dir)

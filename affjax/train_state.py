@@ -180,6 +180,65 @@ def load_backbone_checkpoint(state: TrainState, path: str) -> TrainState:
   return state.replace(params=params, batch_stats=batch_stats)
 
 
+def load_head_checkpoint(state: TrainState, workdir: str) -> TrainState:
+  """Replaces every non-backbone parameter by another run's best weights.
+
+  The cached-embedding model (`config.model.input = 'embeddings'`) has the
+  end-to-end model's parameters minus `backbone`, so its TCNs and fusion (or
+  regressor) can start an end-to-end run, which then fine-tunes the backbone
+  by gradual release. The backbone (random, or `backbone_checkpoint`) is
+  kept.
+
+  Args:
+    state: a freshly initialised state.
+    workdir: the run whose best checkpoint supplies the head.
+
+  Raises:
+    FileNotFoundError: `workdir` has no checkpoint.
+    ValueError: the two heads differ; names each differing parameter.
+  """
+  from affjax import checkpoints  # pylint: disable=g-import-not-at-top
+
+  manager = checkpoints.create_manager(workdir, read_only=True)
+  step = manager.best_step()
+  if step is None:
+    raise FileNotFoundError(
+      f"config.model.head_checkpoint: no checkpoint in {manager.directory}"
+    )
+  loaded = checkpoints.restore_params(manager, step)
+  manager.close()
+  current = {k: v for k, v in state.params.items() if k != "backbone"}
+  loaded = {k: v for k, v in loaded.items() if k != "backbone"}
+  only_saved = sorted(set(loaded) - set(current))
+  only_model = sorted(set(current) - set(loaded))
+  want = {k: v.shape for k, v in checkpoints.flatten(current).items()}
+  have = {k: v.shape for k, v in checkpoints.flatten(loaded).items()}
+  shapes = [
+    f"{k}: checkpoint {have[k]}, model {want[k]}"
+    for k in sorted(set(want) & set(have))
+    if want[k] != have[k]
+  ]
+  if only_saved or only_model or shapes or want.keys() != have.keys():
+    problems = []
+    if only_model:
+      problems.append(f"missing in the checkpoint: {only_model}")
+    if only_saved:
+      problems.append(f"not in this model: {only_saved}")
+    problems += shapes[:10]
+    raise ValueError(
+      f"config.model.head_checkpoint={workdir} (step {step}) does not fit "
+      f"config.model: {'; '.join(problems) or 'different parameter names'}"
+    )
+  head = jax.tree.map(
+    lambda old, value: jax.device_put(
+      np.asarray(value, old.dtype), old.sharding
+    ),
+    current,
+    loaded,
+  )
+  return state.replace(params={**state.params, **head})
+
+
 def copy_tree(tree: PyTree) -> PyTree:
   """Device copy (same shardings) that survives donation of the original."""
   return jax.tree.map(

@@ -8,6 +8,16 @@ frozen or released (there is no backbone in the model).
   python -m affjax.main --config=configs/cached_embeddings.py:arousal \
       --workdir=runs/emb_arousal_0 --config.data.raw_dir=/data/affwild2
 
+The embeddings must be in the cache first (`python -m affjax.embed`, see
+`affjax/embed.py`). To fine-tune the backbone afterwards, start an end-to-end
+run from this run's head (TCNs + fusion); the backbone then starts from its
+checkpoint and is released group by group as usual:
+
+  python -m affjax.main --config=configs/lfan.py:arousal \
+      --workdir=runs/e2e_arousal_0 --config.data.raw_dir=/data/affwild2 \
+      --config.model.backbone_checkpoint=/data/res50_ir_0.887.pth \
+      --config.model.head_checkpoint=runs/emb_arousal_0
+
 Expected: below the end-to-end model (the backbone is never fine-tuned); on
 the synthetic data `configs/cached_embeddings.py:synthetic` runs in about as
 long as the demo.

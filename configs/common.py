@@ -112,6 +112,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.backbone.dropout = 0.4
   # Reference backbone weights (`res50_ir_0.887.pth`); '' = random init.
   c.model.backbone_checkpoint = ""
+  # Workdir of an earlier run (e.g. configs/cached_embeddings.py) whose best
+  # checkpoint initialises every non-backbone parameter (TCNs, fusion or
+  # regressor); '' = random init. Used only when a run starts, not on resume.
+  c.model.head_checkpoint = ""
   c.model.visual_channels = (128, 128, 128, 128)
   c.model.audio_channels = (32, 32, 32, 32)
   c.model.audio_features = (("vggish", 128), ("mfcc", 39))
@@ -152,6 +156,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.split = "validation"
   c.eval.plots = True  # per-trial PNGs in --mode=evaluate
+  # --mode=train ends by scoring the best checkpoint on `eval.split`
+  # (results.json, per-trial predictions and plots under <workdir>/eval/).
+  c.eval.after_training = True
   return c
 
 

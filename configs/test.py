@@ -35,4 +35,7 @@ def get_config(arg=None):
   config.train.max_epochs = 3
   config.train.log_every_steps = 2
   config.eval.plots = False
+  # The many short training runs of the tests skip the final evaluation
+  # (tests/test_train.py checks it).
+  config.eval.after_training = False
   return config.lock()

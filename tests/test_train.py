@@ -130,3 +130,22 @@ def test_evaluate_rejects_a_different_model_config(uninterrupted, data_dirs):
   config.model.kernel_size = 5
   with pytest.raises(ValueError, match="model.kernel_size: saved 3, current 5"):
     train.evaluate_checkpoint(config, workdir)
+
+
+def test_train_mode_ends_with_an_evaluation_of_the_best(
+  uninterrupted, data_dirs
+):
+  workdir, summary = uninterrupted
+  config = _config(data_dirs)
+  config.eval.after_training = True
+  # The run has reached max_epochs: training stops at once, then evaluates.
+  again, results = train.train_then_evaluate(config, workdir)
+  assert again["best_epoch"] == summary["best_epoch"]
+  assert results["step"] == summary["best_epoch"] + 1
+  assert results["out_dir"] == os.path.join(
+    workdir, "eval", f"validation_{results['step']}"
+  )
+  with open(os.path.join(results["out_dir"], "results.json")) as f:
+    assert json.load(f)["ccc_mean"] == pytest.approx(summary["best_ccc"])
+  config.eval.after_training = False
+  assert train.train_then_evaluate(config, workdir)[1] is None
