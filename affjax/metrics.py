@@ -147,7 +147,9 @@ def ccc_from_moments(m: Moments, variance_ddof: int = 0) -> Array:
   """
   xp, enough, mp, mt, vp, vt, cov, _, _ = _centred(m, variance_ddof)
   denom = vp + vt + (mp - mt) ** 2
-  ccc = xp.where(denom > 0, 2 * cov / xp.where(denom > 0, denom, 1), 0)
+  # `denom <= 0` (constant, equal series) scores 0; a NaN input stays NaN.
+  flat = denom <= 0
+  ccc = xp.where(flat, 0, 2 * cov / xp.where(flat, 1, denom))
   return xp.where(enough, ccc, xp.nan)
 
 
@@ -155,7 +157,8 @@ def pcc_from_moments(m: Moments) -> Array:
   """Pearson correlation per output channel from `Moments`; `[outputs]`."""
   xp, enough, _, _, _, _, cov, ss_p, ss_t = _centred(m, 0)
   denom = xp.sqrt(ss_p * ss_t)
-  pcc = xp.where(denom > 0, cov * m.count / xp.where(denom > 0, denom, 1), 0)
+  flat = denom <= 0
+  pcc = xp.where(flat, 0, cov * m.count / xp.where(flat, 1, denom))
   return xp.where(enough, xp.clip(pcc, -1, 1), xp.nan)
 
 

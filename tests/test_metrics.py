@@ -142,3 +142,17 @@ def test_shape_errors():
     metrics.ccc(np.zeros((4, 2)), np.zeros((4, 1)))
   with pytest.raises(ValueError, match="mask shape"):
     metrics.rmse(np.zeros((4, 2)), np.zeros((4, 2)), np.ones(3, bool))
+
+
+@pytest.mark.parametrize("xp", [np, jnp])
+def test_nan_predictions_give_nan_not_zero(xp):
+  # A NaN must surface in the scores (model selection, the NaN guard), not
+  # read as "no agreement".
+  pred = xp.asarray([[0.1, 0.2], [xp.nan, 0.3], [0.5, 0.1]], xp.float32)
+  target = xp.asarray([[0.2, 0.1], [0.3, 0.4], [0.4, 0.2]], xp.float32)
+  for fn in (metrics.ccc, metrics.pcc, metrics.rmse):
+    out = np.asarray(fn(pred, target))
+    assert np.isnan(out[0]) and np.isfinite(out[1]), (fn.__name__, out)
+  # Masking the NaN frame out makes the channel finite again.
+  mask = xp.asarray([True, False, True])
+  assert np.isfinite(np.asarray(metrics.ccc(pred, target, mask))).all()
