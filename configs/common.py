@@ -108,7 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.name = "av_leader_follower"  # | 'visual_only'
   c.model.input = "frames"  # | 'embeddings'
   c.model.backbone = ml_collections.ConfigDict()
-  c.model.backbone.name = "ir50"  # 'ir50' | 'ir_se50' | 'tiny'
+  c.model.backbone.name = "ir50"  # 'ir50' | 'ir_se50' | 'tiny' | 'demo'
   c.model.backbone.dropout = 0.4
   # Reference backbone weights (`res50_ir_0.887.pth`); '' = random init.
   c.model.backbone_checkpoint = ""

@@ -19,6 +19,11 @@ _TORCH_KWARGS = {
   "ir_se50": {"se_reduction": 16},
   "tiny": _TINY,
   "tiny_se": dict(_TINY, se_reduction=4),
+  "demo": {
+    "stage_channels": (8, 16, 32, 64),
+    "stage_units": (1, 1, 1, 1),
+    "stage_strides": (2, 2, 2, 1),
+  },
 }
 
 
@@ -270,7 +275,7 @@ def test_release_groups_match_reference_index_ranges(name, ranges, total):
     assert _selected(nested, group) == set(range(start, stop))
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny_se"])
+@pytest.mark.parametrize("name", ["tiny", "tiny_se", "demo"])
 def test_tiny_release_groups(name):
   paths = _param_index_paths(name)
   with torch.device("meta"):
