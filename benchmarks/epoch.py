@@ -194,6 +194,8 @@ def recompiles(config_name: str, steps: int) -> None:
   counter = _CompileCounter()
   logger = logging.getLogger("jax")
   logger.addHandler(counter)
+  # Counted, not printed: the records list every argument's shape.
+  propagate, logger.propagate = logger.propagate, False
   per_step = []
   with jax.log_compiles(True):
     for i in range(steps):
@@ -204,6 +206,7 @@ def recompiles(config_name: str, steps: int) -> None:
       np.asarray(preds)
       per_step.append(counter.names[before:])
   logger.removeHandler(counter)
+  logger.propagate = propagate
   later = [n for names in per_step[1:] for n in names]
   print(
     f"{config_name}: compiles in step 1: {len(per_step[0])} "

@@ -16,11 +16,24 @@ alternation; medians and the throughput ratio (PyTorch time / affjax time,
 > 1 means affjax is faster) are printed, with XLA's FLOP count, the floor
 (FLOPs / the best rate measured on this machine) and measured / floor.
 
+PyTorch runs with every thread count of `--torch_threads` (default: all
+cores, then 1) in the same alternation. On a shared, loaded 2-core machine
+PyTorch's OpenMP barriers wait for whichever thread lost its core, and 2
+threads can be several times slower than 1; XLA's work-stealing pool suffers
+less. Two ratios are printed: vs PyTorch on all cores (the issue's setting)
+and vs the best PyTorch thread count (the fair one under load).
+
 `--train_py` adds affjax's real training step (`affjax.train.make_train_step`,
-optimiser groups of `affjax.optim`) on the end-to-end path.
+optimiser groups of `affjax.optim`) on the end-to-end path; it differentiates
+the frozen backbone too (frozen = learning rate 0), so it is slower than the
+frozen-backbone step timed here.
 
   python -m benchmarks.train_step                       # ~3-5 min
-  python -m benchmarks.train_step --e2e_batch=8 --e2e_frames=300 --repeats=3
+  python -m benchmarks.train_step --paths=head_only --repeats=9
+  python -m benchmarks.train_step --paths=end_to_end --e2e_batch=2 \
+      --e2e_frames=32 --e2e_repeats=3 --e2e_torch_threads=2,1
+  python -m benchmarks.train_step --e2e_batch=8 --e2e_frames=300 \
+      --e2e_repeats=3                                   # issue shapes, ~1 h
 """
 
 from __future__ import annotations
