@@ -107,27 +107,33 @@ def machine_rates(repeats: int = 5) -> dict[str, float]:
   rates["torch_matmul"] = 2 * n**3 / t / 1e9
   # A stage-3 IR-50 conv: 256 -> 256 channels, 3x3, on 10x10 maps.
   b, hw, c = 256, 10, 256
-  x = jnp.asarray(np.random.default_rng(1).normal(size=(b, hw, hw, c)),
-                  jnp.float32)
-  k = jnp.asarray(np.random.default_rng(2).normal(size=(3, 3, c, c)) * 0.01,
-                  jnp.float32)
-  conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
-      x, k, (1, 1), ((1, 1), (1, 1)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  x = jnp.asarray(
+    np.random.default_rng(1).normal(size=(b, hw, hw, c)), jnp.float32
+  )
+  k = jnp.asarray(
+    np.random.default_rng(2).normal(size=(3, 3, c, c)) * 0.01, jnp.float32
+  )
+  conv = jax.jit(
+    lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+  )
   flops = 2 * b * hw * hw * c * c * 9
   t = _best_time(lambda: block(conv(x, k)), repeats)
   rates["xla_conv"] = flops / t / 1e9
   tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
   tk = torch.from_numpy(np.asarray(k).transpose(3, 2, 0, 1).copy())
   with torch.inference_mode():
-    t = _best_time(lambda: torch.nn.functional.conv2d(tx, tk, padding=1),
-                   repeats)
+    t = _best_time(
+      lambda: torch.nn.functional.conv2d(tx, tk, padding=1), repeats
+    )
   rates["torch_conv"] = flops / t / 1e9
   return rates
 
 
-def model_config(visual_input: str, backbone: str = "ir50"
-                 ) -> ml_collections.ConfigDict:
+def model_config(
+  visual_input: str, backbone: str = "ir50"
+) -> ml_collections.ConfigDict:
   """`config.model` of the paper's audio-visual model (configs/common.py)."""
   from configs import common  # pylint: disable=g-import-not-at-top
 
@@ -144,11 +150,12 @@ def twin_models(visual_input: str, backbone: str = "ir50", seed: int = 0):
     `(torch_model, flax_model, flax_variables)`; the PyTorch model is in
     eval mode with its backbone frozen (`requires_grad=False`).
   """
+  import torch  # pylint: disable=g-import-not-at-top
+
   from affjax import convert  # pylint: disable=g-import-not-at-top
   from affjax.models import build_model  # pylint: disable=g-import-not-at-top
   from tests.torch_reference import iresnet as torch_iresnet  # pylint: disable=g-import-not-at-top
   from tests.torch_reference import lfan  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(seed)
   spatial = None
@@ -168,13 +175,15 @@ def twin_models(visual_input: str, backbone: str = "ir50", seed: int = 0):
       p.requires_grad_(False)
   config = model_config(visual_input, backbone)
   variables = convert.from_reference_state_dict(
-      lfan.state_dict_numpy(net), config)
+    lfan.state_dict_numpy(net), config
+  )
   variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), variables)
   return net.eval(), build_model(config), variables
 
 
-def random_batch(batch: int, frames: int, visual_input: str,
-                 seed: int = 0) -> dict[str, np.ndarray]:
+def random_batch(
+  batch: int, frames: int, visual_input: str, seed: int = 0
+) -> dict[str, np.ndarray]:
   """A batch in the pipeline's layout (numpy, float32 inputs)."""
   rng = np.random.default_rng(seed)
   out = {}
