@@ -172,7 +172,7 @@ def torch_flops(net, batch) -> dict[str, float]:
 
 
 def train_py_case(model, variables, batch, frames):
-  """affjax.train's own step (all groups differentiated, frozen lr = 0)."""
+  """affjax.train's own step at release stage 0 (backbone frozen)."""
   from affjax import optim  # pylint: disable=g-import-not-at-top
   from affjax import train  # pylint: disable=g-import-not-at-top
   from affjax import train_state  # pylint: disable=g-import-not-at-top
@@ -190,7 +190,8 @@ def train_py_case(model, variables, batch, frames):
   state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      batch_stats=variables.get("batch_stats", {}),
                      opt_state=opt_state)
-  step = train.make_train_step(setup, jax.random.key(0))
+  # Stage 0 of the release schedule: the whole backbone is frozen.
+  step = train.make_train_step(setup, jax.random.key(0), released=0)
 
   def wrapped(state, batch):
     state, metrics = step(state, batch)
