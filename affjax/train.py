@@ -181,7 +181,7 @@ def make_train_step(
     )
     deltas, opt_state = tx.update(grads, state.opt_state, state.params)
     # Frozen groups keep their state: XLA then drops their (unused) Adam
-    # update, which for a frozen IR-50 is a pass over ~40M parameters.
+    # update, which for the frozen IR-50 is a pass over ~37M parameters.
     opt_state = opt_state._replace(
       inner_states={
         name: state.opt_state.inner_states[name] if name in frozen else inner
