@@ -260,6 +260,9 @@ def main(argv) -> None:
       summary["best_epoch"],
       summary["best_ccc"],
     )
+    # The whole summary as a dict literal: the reliability tests parse it to
+    # compare runs (resumed vs uninterrupted, two processes, same seed).
+    logging.info("Training done: %s", summary)
     if results is not None:
       logging.info("Results, predictions and plots: %s", results["out_dir"])
   else:

@@ -15,8 +15,10 @@ Here that becomes two pieces:
   (`head`, `release_0`, `release_1`, ..., `frozen`) inside `optax.partition`.
   Frozen groups run with learning rate 0, so their parameters stay bit-identical;
   releasing a group only writes its learning rate into the optimiser state
-  (`set_learning_rates`), which keeps every array shape and dtype and so never
-  retraces the jitted step.
+  (`set_learning_rates`), which keeps every array shape and dtype. The train
+  step additionally takes the release stage as static (`frozen_labels`): it
+  computes no gradient and no update for the frozen groups, and is compiled
+  once per stage.
 * `PlateauState` with `begin_epoch` / `end_epoch`: a pure, host-side state
   machine over epochs that mirrors the reference's scheduler, release and early
   stopping rules and is stored as JSON in every checkpoint.
@@ -313,6 +315,24 @@ def learning_rates(cfg: PlateauConfig, state: PlateauState) -> dict[str, float]:
   for i in range(cfg.num_groups):
     rates[release_label(i)] = state.learning_rate if i < state.released else 0.0
   return rates
+
+
+def frozen_labels(num_groups: int, released: int) -> frozenset[str]:
+  """Groups that `learning_rates` keeps at lr 0 once `released` are open.
+
+  The train step takes this set as static: their parameters get no gradient
+  (so no backward pass is traced for them) and no optimiser update.
+
+  Raises:
+    ValueError: if `released` is not in `0..num_groups`.
+  """
+  if not 0 <= released <= num_groups:
+    raise ValueError(
+      f"released={released} groups, but the model has {num_groups}"
+    )
+  return frozenset(
+    [FROZEN] + [release_label(i) for i in range(released, num_groups)]
+  )
 
 
 def begin_epoch(

@@ -126,21 +126,45 @@ def trace_once(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def make_train_step(
-  setup: Setup, loop_key: jax.Array
+  setup: Setup, loop_key: jax.Array, *, released: int
 ) -> Callable[[TrainState, Batch], tuple[TrainState, TrainMetrics]]:
-  """The (unjitted) train step: masked CCC loss, Adam, BatchNorm update.
+  """The (unjitted) train step at one release stage.
+
+  Masked CCC loss, Adam, BatchNorm update. `released` (0..number of release
+  groups, `PlateauState.released`) fixes which groups are frozen
+  (`optim.frozen_labels`): their parameters enter the model through
+  `stop_gradient`, so the step contains no backward pass for them (with the
+  backbone fully frozen, none through the backbone at all), and their
+  parameters and optimiser state pass through unchanged. That is what the
+  all-group step computed anyway: a frozen group has learning rate 0, so its
+  Adam update (L2 term included) is a zero and its parameters never moved,
+  and its moments are never read before the release that opens it resets the
+  whole optimiser (`ts.reset_optimizer`). The forward is unchanged: the frozen
+  backbone still runs in train mode and updates its BatchNorm statistics.
 
   The dropout key is `fold_in(loop_key, step)`, so a resumed run draws the
   same masks as an uninterrupted one. `trace_once` turns any recompilation
-  (e.g. a changed dtype in the optimiser state) into an error.
+  (e.g. a changed dtype in the optimiser state) into an error; each stage is
+  its own function, compiled once.
+
+  Raises:
+    ValueError: if `released` is out of range.
   """
   model, tx = setup.model, setup.tx
+  frozen = optim.frozen_labels(setup.plateau.num_groups, released)
+  is_frozen = jax.tree.map(lambda label: label in frozen, setup.labels)
+
+  def keep_frozen(new, old):
+    return jax.tree.map(lambda f, n, o: o if f else n, is_frozen, new, old)
 
   @trace_once
   def train_step(state: TrainState, batch: Batch):
     dropout_key = jax.random.fold_in(loop_key, state.step)
 
     def loss_fn(params):
+      params = jax.tree.map(
+        lambda f, p: jax.lax.stop_gradient(p) if f else p, is_frozen, params
+      )
       variables = dict(state.variables(), params=params)
       preds, updates = model.apply(
         variables,
@@ -156,9 +180,19 @@ def make_train_step(
       state.params
     )
     deltas, opt_state = tx.update(grads, state.opt_state, state.params)
+    # Frozen groups keep their state: XLA then drops their (unused) Adam
+    # update, which for the frozen IR-50 is a pass over ~37M parameters.
+    opt_state = opt_state._replace(
+      inner_states={
+        name: state.opt_state.inner_states[name] if name in frozen else inner
+        for name, inner in opt_state.inner_states.items()
+      }
+    )
     new_state = state.replace(
       step=state.step + 1,
-      params=optax.apply_updates(state.params, deltas),
+      params=keep_frozen(
+        optax.apply_updates(state.params, deltas), state.params
+      ),
       batch_stats=updates.get("batch_stats", state.batch_stats),
       opt_state=opt_state,
     )
@@ -167,10 +201,12 @@ def make_train_step(
   return train_step
 
 
-def jit_train_step(setup: Setup, mesh: jax.sharding.Mesh, loop_key: jax.Array):
-  """Jitted train step: state replicated and donated, batch data-sharded."""
+def jit_train_step(
+  setup: Setup, mesh: jax.sharding.Mesh, loop_key: jax.Array, *, released: int
+):
+  """Jitted `make_train_step`: state replicated and donated, batch sharded."""
   return jax.jit(
-    make_train_step(setup, loop_key),
+    make_train_step(setup, loop_key, released=released),
     in_shardings=(setup.shardings, sharding.data_sharding(mesh)),
     out_shardings=(setup.shardings, sharding.replicated(mesh)),
     donate_argnums=(0,),
@@ -194,11 +230,34 @@ def jit_eval_step(setup: Setup, mesh: jax.sharding.Mesh):
 
 @dataclasses.dataclass
 class Program:
-  """Everything compiled for one (config, mesh): built once per process."""
+  """Everything compiled for one (config, mesh): built once per process.
+
+  Train steps are built lazily, one per distinct frozen set (release stage),
+  so a run compiles at most `num_groups + 1` of them, each once; stages that
+  freeze the same parameters (e.g. all of them when nothing is frozen) share
+  one.
+  """
 
   setup: Setup
-  train_step: Callable[[TrainState, Batch], tuple[TrainState, TrainMetrics]]
   eval_step: Callable[[TrainState, Batch], jax.Array]
+  mesh: jax.sharding.Mesh
+  loop_key: jax.Array
+  train_steps: dict[frozenset[str], Callable[..., Any]] = dataclasses.field(
+    default_factory=dict
+  )
+
+  def train_step(
+    self, released: int
+  ) -> Callable[[TrainState, Batch], tuple[TrainState, TrainMetrics]]:
+    """The jitted train step once `released` release groups are open."""
+    used = set(jax.tree.leaves(self.setup.labels))
+    frozen = optim.frozen_labels(self.setup.plateau.num_groups, released)
+    key = frozenset(frozen & used)
+    if key not in self.train_steps:
+      self.train_steps[key] = jit_train_step(
+        self.setup, self.mesh, self.loop_key, released=released
+      )
+    return self.train_steps[key]
 
 
 _PROGRAMS: collections.OrderedDict = collections.OrderedDict()
@@ -225,8 +284,9 @@ def build_program(
     setup = ts.build_setup(config, mesh)
     _PROGRAMS[key] = Program(
       setup=setup,
-      train_step=jit_train_step(setup, mesh, root_keys(config.seed)[1]),
       eval_step=jit_eval_step(setup, mesh),
+      mesh=mesh,
+      loop_key=root_keys(config.seed)[1],
     )
     while len(_PROGRAMS) > _MAX_PROGRAMS:
       _PROGRAMS.popitem(last=False)
@@ -574,7 +634,7 @@ def train_and_evaluate(
   if run.plateau.epoch == 0 and jax.process_index() == 0:
     _write_hparams(writer, config)
 
-  train_step, eval_step = program.train_step, program.eval_step
+  eval_step = program.eval_step
   steps_per_epoch = train_split.num_windows // config.train.batch_size
   hooks = []
   if jax.process_index() == 0:
@@ -621,7 +681,8 @@ def train_and_evaluate(
       )
       run.state, train_metrics = train_epoch(
         run.state,
-        train_step,
+        # The release stage changes only here, between epochs.
+        program.train_step(run.plateau.released),
         sharding.prefetch_to_device(batches, mesh, config.train.prefetch),
         max_in_flight=config.train.max_in_flight,
         log_every_steps=config.train.log_every_steps,

@@ -202,7 +202,7 @@ def torch_flops(net, batch) -> dict[str, float]:
 
 
 def train_py_case(model, variables, batch, frames):
-  """affjax.train's own step (all groups differentiated, frozen lr = 0)."""
+  """affjax.train's own step at release stage 0 (backbone frozen)."""
   from affjax import (
     optim,  # pylint: disable=g-import-not-at-top
     train,  # pylint: disable=g-import-not-at-top
@@ -229,7 +229,8 @@ def train_py_case(model, variables, batch, frames):
     batch_stats=variables.get("batch_stats", {}),
     opt_state=opt_state,
   )
-  step = train.make_train_step(setup, jax.random.key(0))
+  # Stage 0 of the release schedule: the whole backbone is frozen.
+  step = train.make_train_step(setup, jax.random.key(0), released=0)
 
   def wrapped(state, batch):
     state, metrics = step(state, batch)

@@ -226,7 +226,7 @@ def _train_real(mesh, data_root: str, shards: list[int], num_shards: int
   setup = train_state.build_setup(config, mesh)
   init_key, loop_key = jax.random.split(jax.random.key(config.seed))
   state = train_state.init_state(setup, init_key)
-  step = train.jit_train_step(setup, mesh, loop_key)
+  step = train.jit_train_step(setup, mesh, loop_key, released=0)
   per_shard = config.train.batch_size // num_shards
   in_flight = collections.deque()
   for epoch in range(REAL_EPOCHS):

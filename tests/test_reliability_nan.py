@@ -192,8 +192,8 @@ def test_nan_update_names_the_step(base, tmp_path, monkeypatch):
   shutil.copytree(clean, workdir)
   real = train.make_train_step
 
-  def poisoned(setup, loop_key):
-    step = real(setup, loop_key)
+  def poisoned(setup, loop_key, *, released):
+    step = real(setup, loop_key, released=released)
 
     def wrapped(state, batch):
       new, metrics = step(state, batch)

@@ -10,10 +10,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import traverse_util
 
-from affjax import optim, sharding, train, train_state
+from affjax import losses, optim, sharding, train, train_state
 from configs import common
+from configs import test as test_config
 
 T = 12
 
@@ -65,7 +68,7 @@ def _train(mesh, config, batches, state=None):
     state = train_state.init_state(setup, init_key)
   plateau = optim.init_plateau(setup.plateau)
   state = train_state.set_learning_rates(state, setup, plateau)
-  step = train.jit_train_step(setup, mesh, loop_key)
+  step = train.jit_train_step(setup, mesh, loop_key, released=0)
   state, metrics = train.train_epoch(
     state,
     step,
@@ -115,7 +118,7 @@ def test_frozen_group_bit_identical_and_release_without_retrace():
   assert set(jax.tree.leaves(setup.labels)) == {"head", "frozen"}
   state = train_state.init_state(setup, jax.random.key(1))
   before = jax.tree.map(np.asarray, state.params)
-  step = train.jit_train_step(setup, mesh, jax.random.key(2))
+  step = train.jit_train_step(setup, mesh, jax.random.key(2), released=0)
   plateau = optim.init_plateau(setup.plateau)
   state = train_state.set_learning_rates(state, setup, plateau)
   batches = list(sharding.prefetch_to_device(_batches(4), mesh))
@@ -180,3 +183,146 @@ def test_nan_is_reported_with_step_range():
   # reported with the unlogged window 4..5 at the end of the epoch.
   with pytest.raises(FloatingPointError, match=r"steps 4\.\.5"):
     _train(mesh, config, batches)
+
+
+# ----------------------------------------------------------------------------
+# Release stages: no gradient through frozen groups.
+
+
+def _full_gradient_step(setup, loop_key):
+  """The step before release stages: gradients w.r.t. every parameter.
+
+  Frozen groups were held in place only by their learning rate of 0; the
+  staged step must give the same weights and loss while skipping them.
+  """
+  model, tx = setup.model, setup.tx
+
+  def step(state, batch):
+    key = jax.random.fold_in(loop_key, state.step)
+
+    def loss_fn(params):
+      preds, updates = model.apply(
+        dict(state.variables(), params=params),
+        batch,
+        train=True,
+        rngs={"dropout": key},
+        mutable=["batch_stats"],
+      )
+      return losses.ccc_loss(preds, batch["label"], batch["mask"]), updates
+
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params
+    )
+    deltas, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(
+      step=state.step + 1,
+      params=optax.apply_updates(state.params, deltas),
+      batch_stats=updates["batch_stats"],
+      opt_state=opt_state,
+    ), loss
+
+  return jax.jit(step)
+
+
+def _frames_batch(config, batch_size, seed=0):
+  rng = np.random.default_rng(seed)
+  t, e = config.data.window_length, len(config.data.emotions)
+  batch = {
+    k: rng.normal(size=v.shape).astype(np.float32)
+    for k, v in train_state.dummy_batch(config, batch_size).items()
+  }
+  batch["label"] = np.tanh(rng.normal(size=(batch_size, t, e))).astype(
+    np.float32
+  )
+  batch["mask"] = rng.random((batch_size, t)) > 0.2
+  return batch
+
+
+def _flops(jitted, *args):
+  cost = jitted.lower(*args).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per module
+    cost = cost[0]
+  return cost["flops"]
+
+
+@pytest.fixture(scope="module")
+def real_setup():
+  """configs/test.py's tiny IR backbone + TCNs, on one device."""
+  config = test_config.get_config()
+  mesh = sharding.make_mesh([("data", -1)], devices=jax.devices()[:1])
+  setup = train_state.build_setup(config, mesh)
+  assert setup.plateau.num_groups == 3
+  state = train_state.init_state(setup, jax.random.key(0))
+  batch = sharding.global_batch(_frames_batch(config, 2), mesh)
+  return config, mesh, setup, state, batch
+
+
+@pytest.mark.parametrize("released", [0, 2])
+def test_staged_step_matches_full_gradient_step(real_setup, released):
+  _, mesh, setup, state, batch = real_setup
+  loop_key = jax.random.key(3)
+  plateau = optim.PlateauState(released=released, learning_rate=1e-3)
+  state = train_state.set_learning_rates(state, setup, plateau)
+  old_step = _full_gradient_step(setup, loop_key)
+  new_step = train.jit_train_step(setup, mesh, loop_key, released=released)
+  want, want_loss = old_step(state, batch)
+  got, metrics = new_step(train_state.copy_tree(state), batch)
+  np.testing.assert_array_equal(metrics.loss.total, want_loss)
+  flat = lambda s: traverse_util.flatten_dict(train_state.weights(s), sep="/")
+  before, want, got = flat(state), flat(want), flat(got)
+  assert got.keys() == want.keys()
+  labels = traverse_util.flatten_dict(setup.labels, sep="/")
+  frozen = optim.frozen_labels(setup.plateau.num_groups, released)
+  moved = set()
+  for name in want:
+    # Bit-identical on CPU: the forward and the trainable groups' backward
+    # are the same computation, only the frozen groups' part is gone.
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    if not np.array_equal(want[name], before[name]):
+      moved.add(labels.get(name.removeprefix("params/"), "batch_stats"))
+  # Not vacuous: the head, the released groups and the frozen backbone's
+  # BatchNorm statistics (train-mode forward) all changed.
+  trainable = {optim.HEAD} | {optim.release_label(i) for i in range(released)}
+  assert moved == trainable | {"batch_stats"}
+  assert not moved & frozen
+  assert any(
+    not np.array_equal(want[name], before[name])
+    for name in want
+    if name.startswith("batch_stats/backbone/")
+  )
+
+
+def test_frozen_backbone_step_skips_its_backward(real_setup):
+  _, mesh, setup, state, batch = real_setup
+  loop_key = jax.random.key(3)
+  full = _flops(_full_gradient_step(setup, loop_key), state, batch)
+  staged = [
+    _flops(
+      train.jit_train_step(setup, mesh, loop_key, released=r), state, batch
+    )
+    for r in (0, 3)
+  ]
+  # Backward ~2x the forward: without it the backbone-dominated step costs
+  # about a third. With every group released the backbone's input layers
+  # and first blocks (in no release group) still get no gradient.
+  assert staged[0] < 0.7 * full, (staged, full)
+  assert staged[0] < staged[1] < full, (staged, full)
+
+
+def test_program_compiles_one_step_per_frozen_set(real_setup):
+  _, mesh, setup, _, _ = real_setup
+  program = train.Program(
+    setup=setup, eval_step=None, mesh=mesh, loop_key=jax.random.key(0)
+  )
+  steps = [program.train_step(r) for r in range(4)]
+  assert len({id(s) for s in steps}) == 4
+  assert program.train_step(1) is steps[1]
+  with pytest.raises(ValueError, match="released=4"):
+    program.train_step(4)
+  # Nothing frozen (demo / cached-embedding configs): one step for all.
+  setup = train_state.build_setup(_config(), mesh, model=FakeModel())
+  program = train.Program(
+    setup=setup, eval_step=None, mesh=mesh, loop_key=jax.random.key(0)
+  )
+  assert program.train_step(0) is program.train_step(0)
+  assert set(program.train_steps) == {frozenset()}
