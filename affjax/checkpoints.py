@@ -141,6 +141,14 @@ class Restored:
   metadata: dict[str, Any]
 
 
+def _check_step(manager: ocp.CheckpointManager, step: int) -> None:
+  if step not in manager.all_steps():
+    raise FileNotFoundError(
+      f"checkpoint step {step} not in {manager.directory}; available: "
+      f"{sorted(manager.all_steps())}"
+    )
+
+
 def restore(
   manager: ocp.CheckpointManager,
   step: int,
@@ -157,11 +165,7 @@ def restore(
   Raises:
     FileNotFoundError: if the checkpoint does not exist.
   """
-  if step not in manager.all_steps():
-    raise FileNotFoundError(
-      f"checkpoint step {step} not in {manager.directory}; available: "
-      f"{sorted(manager.all_steps())}"
-    )
+  _check_step(manager, step)
   items = {"config": ocp.args.JsonRestore(), "metadata": ocp.args.JsonRestore()}
   if abstract_state is not None:
     items["state"] = ocp.args.StandardRestore(abstract_state)
@@ -182,11 +186,7 @@ def restore_params(manager: ocp.CheckpointManager, step: int) -> PyTree:
   Raises:
     FileNotFoundError: if the checkpoint does not exist.
   """
-  if step not in manager.all_steps():
-    raise FileNotFoundError(
-      f"checkpoint step {step} not in {manager.directory}; available: "
-      f"{sorted(manager.all_steps())}"
-    )
+  _check_step(manager, step)
   out = manager.restore(
     step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
   )
