@@ -105,9 +105,16 @@ def _edit_line(path, number, text):
 
 
 def _digest(path):
+  """sha256 of every data file under `path`.
+
+  Lock files (`affjax.data.dirlock`) are left out: they record who last held
+  the directory, not data.
+  """
   out = {}
   for dirpath, _, files in os.walk(path):
     for name in files:
+      if name.endswith(".lock"):
+        continue
       p = os.path.join(dirpath, name)
       with open(p, "rb") as f:
         out[os.path.relpath(p, path)] = hashlib.sha256(f.read()).hexdigest()
