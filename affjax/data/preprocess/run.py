@@ -20,7 +20,7 @@ Both phases run holding the cache's lock (`affjax.data.dirlock`): a second
 run on the same cache waits, then finds the trials the first one built.
 Workers die with the process that started them (`kill -9` of it alone
 included), so no orphan keeps writing into the cache; a worker that dies
-fails the run with `BrokenProcessPool`, naming the trials it was building.
+fails the run with `BrokenProcessPool`, naming the unfinished trials.
 """
 
 import concurrent.futures
@@ -190,10 +190,6 @@ def _build_trial(job: _Job, settings: PreprocessSettings, cache_dir: str):
   return meta
 
 
-# In a worker: the parent's queue of started trials (see `_build_in_pool`).
-_started = None
-
-
 def _die_with_parent(parent_pid: int) -> None:
   """Ends this worker process when its parent `parent_pid` dies.
 
@@ -222,68 +218,52 @@ def _die_with_parent(parent_pid: int) -> None:
     os._exit(1)
 
 
-def _init_worker(parent_pid: int, started: Any) -> None:
-  global _started
-  _die_with_parent(parent_pid)
-  _started = started
-
-
-def _build_in_worker(job: _Job, settings: PreprocessSettings, cache_dir: str):
-  # Sent before the work starts (a SimpleQueue writes synchronously), so the
-  # parent knows what a killed worker was building.
-  _started.put(job.source.name)
-  return _build_trial(job, settings, cache_dir)
-
-
-def _worker_died(building: set[str], unfinished: list[str]):
+def _worker_died(unfinished: list[str]):
   """The error of a run whose worker died (the pool is broken)."""
-  if building:
-    during = f"while trials {', '.join(sorted(building))} were being built"
-  else:
-    during = "before it began a trial"
   shown = ", ".join(unfinished[:10]) + (", ..." if len(unfinished) > 10 else "")
   return BrokenProcessPool(
     f"a preprocessing worker died (killed by a signal, e.g. by the "
-    f"out-of-memory killer) {during}; {len(unfinished)} trials are "
-    f"unfinished ({shown}). Rerun the same command to build them (finished "
-    "trials are kept); if it happens again, use fewer workers"
+    f"out-of-memory killer) while building one of the {len(unfinished)} "
+    f"unfinished trials ({shown}). Rerun the same command to build them "
+    "(finished trials are kept); if it happens again, use fewer workers"
   )
 
 
 def _build_in_pool(jobs, settings, cache_dir, num_workers, record):
   """Phase 2 in spawn worker processes; `record(meta)` after each trial."""
   context = multiprocessing.get_context("spawn")
-  started = context.SimpleQueue()  # trial names, as workers begin them
-  begun, finished = set(), set()
-
-  def drain():
-    # Also keeps the queue's pipe from filling up and blocking the workers.
-    while not started.empty():
-      begun.add(started.get())
-
+  finished = set()
   # Longest trials first keeps the workers busy until the end.
   ordered = sorted(jobs, key=lambda j: -j.n_frames)
+  # No queue or lock is shared with the workers (a worker killed while
+  # holding one would block the others): the pool's own bookkeeping tells
+  # that a worker died, the finished set what is left.
   with concurrent.futures.ProcessPoolExecutor(
     max_workers=min(num_workers, len(jobs)),
     mp_context=context,
-    initializer=_init_worker,
-    initargs=(os.getpid(), started),
+    initializer=_die_with_parent,
+    initargs=(os.getpid(),),
   ) as pool:
     futures = [
-      pool.submit(_build_in_worker, j, settings, cache_dir) for j in ordered
+      pool.submit(_build_trial, j, settings, cache_dir) for j in ordered
     ]
     try:
       for future in concurrent.futures.as_completed(futures):
-        drain()
         meta = future.result()
         finished.add(meta["trial"])
         record(meta)
     except BrokenProcessPool:
+      # The executor stops the other workers with SIGTERM and joins them
+      # without a timeout; a worker busy in native code that catches SIGTERM
+      # (seen here: the survivor of a killed worker kept running, and the run
+      # hung in that join) never exits. SIGKILL cannot be caught.
+      for process in list((getattr(pool, "_processes", None) or {}).values()):
+        if process.is_alive():
+          process.kill()
       pool.shutdown(wait=True, cancel_futures=True)
-      drain()
       unfinished = [j.source.name for j in ordered]
       unfinished = [n for n in unfinished if n not in finished]
-      raise _worker_died(begun - finished, sorted(unfinished)) from None
+      raise _worker_died(sorted(unfinished)) from None
     except BaseException:
       pool.shutdown(wait=True, cancel_futures=True)
       raise
@@ -338,7 +318,7 @@ def preprocess(
       mismatch with the existing cache, or an unreadable manifest.
     OSError: a write failed (a full disk names the trial).
     BrokenProcessPool: a worker died (e.g. out of memory); the message names
-      the trials being built. Rerunning resumes.
+      the unfinished trials. Rerunning resumes.
   """
   settings = settings or PreprocessSettings()
   raw_dir = os.path.abspath(raw_dir)
