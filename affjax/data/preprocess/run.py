@@ -244,10 +244,12 @@ def _build_in_pool(jobs, settings, cache_dir, num_workers, record):
     initializer=_die_with_parent,
     initargs=(os.getpid(),),
   ) as pool:
-    futures = [
-      pool.submit(_build_trial, j, settings, cache_dir) for j in ordered
-    ]
     try:
+      # Inside the try: a worker killed while jobs are still being submitted
+      # breaks the pool in `submit` already.
+      futures = [
+        pool.submit(_build_trial, j, settings, cache_dir) for j in ordered
+      ]
       for future in concurrent.futures.as_completed(futures):
         meta = future.result()
         finished.add(meta["trial"])
