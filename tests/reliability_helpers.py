@@ -243,3 +243,20 @@ def assert_same_cache(got: str, want: str) -> None:
     assert json.dumps(a["meta"], sort_keys=True) == json.dumps(
       b["meta"], sort_keys=True
     )
+
+
+def preprocess_call(raw: str, out: str, workers: int = 1) -> str:
+  """`python -c` code running the preprocessing command line on `raw`.
+
+  The child exits with the command line's status (`main()` returns it).
+  """
+  args = [
+    f"--raw={raw}",
+    f"--out={out}",
+    "--vggish_model=tiny",
+    f"--workers={workers}",
+  ]
+  return (
+    "import sys; from affjax.data.preprocess import __main__ as m; "
+    f"sys.exit(m.main({args!r}))"
+  )

@@ -36,17 +36,7 @@ def raw(tmp_path_factory):
 
 
 def _call(raw, out, workers):
-  args = [
-    f"--raw={raw}",
-    f"--out={out}",
-    "--vggish_model=tiny",
-    f"--workers={workers}",
-  ]
-  # The command line's exit status (main() returns it).
-  return (
-    "import sys; from affjax.data.preprocess import __main__ as m; "
-    f"sys.exit(m.main({args!r}))"
-  )
+  return rh.preprocess_call(raw, out, workers)
 
 
 def test_parent_killed_alone_stops_its_workers(raw, tmp_path):

@@ -50,17 +50,7 @@ def reference(raw, tmp_path_factory):
 
 
 def _cli_call(raw, out, workers=1):
-  args = [
-    f"--raw={raw}",
-    f"--out={out}",
-    "--vggish_model=tiny",
-    f"--workers={workers}",
-  ]
-  # The command line's exit status (main() returns it).
-  return (
-    "import sys; from affjax.data.preprocess import __main__ as m; "
-    f"sys.exit(m.main({args!r}))"
-  )
+  return rh.preprocess_call(raw, out, workers)
 
 
 def _cli(raw, out, workers=1):
