@@ -73,7 +73,7 @@ _MODEL_KEYS = (
   "data.crop_size",
   "data.time_delay",
 )
-_IGNORED_MODEL_KEYS = ("model.backbone_checkpoint",)
+_IGNORED_MODEL_KEYS = ("model.backbone_checkpoint", "model.backbone.conv_chunk")
 
 
 # ----------------------------------------------------------------------------

@@ -61,6 +61,8 @@ RESUME_SAFE_KEYS = (
   "train.max_epochs",
   "eval",
   "mesh",
+  # A speed setting with the same results (affjax.models.iresnet.conv2d).
+  "model.backbone.conv_chunk",
 )
 # For evaluating a checkpoint only the model, the data layout and the state's
 # tree structure matter; the optimiser's parameter groups (frozen and release

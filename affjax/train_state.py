@@ -267,6 +267,12 @@ def reset_optimizer(state: TrainState, setup: Setup) -> TrainState:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Consistency checks that would otherwise fail deep inside jit."""
+  chunk = config.model.backbone.get("conv_chunk", 0)
+  if not isinstance(chunk, int) or chunk < 0:
+    raise ValueError(
+      f"config.model.backbone.conv_chunk must be an integer >= 0 (images "
+      f"per backbone convolution, 0 = the whole batch), got {chunk!r}"
+    )
   if config.model.num_outputs != len(config.data.emotions):
     raise ValueError(
       f"config.model.num_outputs={config.model.num_outputs} but "

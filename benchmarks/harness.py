@@ -132,7 +132,7 @@ def machine_rates(repeats: int = 5) -> dict[str, float]:
 
 
 def model_config(
-  visual_input: str, backbone: str = "ir50"
+  visual_input: str, backbone: str = "ir50", conv_chunk: int = 0
 ) -> ml_collections.ConfigDict:
   """`config.model` of the paper's audio-visual model (configs/common.py)."""
   from configs import common  # pylint: disable=g-import-not-at-top
@@ -140,11 +140,16 @@ def model_config(
   config = common.base_config()
   config.model.input = visual_input
   config.model.backbone.name = backbone
+  config.model.backbone.conv_chunk = conv_chunk
   return config.model
 
 
-def twin_models(visual_input: str, backbone: str = "ir50", seed: int = 0):
+def twin_models(
+  visual_input: str, backbone: str = "ir50", seed: int = 0, conv_chunk: int = 0
+):
   """The PyTorch reference model and the affjax model, same weights.
+
+  `conv_chunk` is `config.model.backbone.conv_chunk` of the affjax model.
 
   Returns:
     `(torch_model, flax_model, flax_variables)`; the PyTorch model is in
@@ -173,7 +178,7 @@ def twin_models(visual_input: str, backbone: str = "ir50", seed: int = 0):
   if spatial is not None:
     for p in spatial.parameters():
       p.requires_grad_(False)
-  config = model_config(visual_input, backbone)
+  config = model_config(visual_input, backbone, conv_chunk)
   variables = convert.from_reference_state_dict(
     lfan.state_dict_numpy(net), config
   )

@@ -23,10 +23,10 @@ threads can be several times slower than 1; XLA's work-stealing pool suffers
 less. Two ratios are printed: vs PyTorch on all cores (the issue's setting)
 and vs the best PyTorch thread count (the fair one under load).
 
-`--train_py` adds affjax's real training step (`affjax.train.make_train_step`,
-optimiser groups of `affjax.optim`) on the end-to-end path; it differentiates
-the frozen backbone too (frozen = learning rate 0), so it is slower than the
-frozen-backbone step timed here.
+`--train_py` adds affjax's real training step (`affjax.train.make_train_step`
+at release stage 0, optimiser groups of `affjax.optim`) on the end-to-end
+path. Like the benchmark's own step it takes no gradient of the frozen
+backbone (one compiled step per release stage), so the two should agree.
 
   python -m benchmarks.train_step                       # ~3-5 min
   python -m benchmarks.train_step --paths=head_only --repeats=9
@@ -34,6 +34,9 @@ frozen-backbone step timed here.
       --e2e_frames=32 --e2e_repeats=3 --e2e_torch_threads=2,1
   python -m benchmarks.train_step --e2e_batch=8 --e2e_frames=300 \
       --e2e_repeats=3                                   # issue shapes, ~1 h
+
+`--conv_chunk=64` adds affjax with `config.model.backbone.conv_chunk=64`
+(the backbone's convs over 64 crops a call) on the end-to-end path.
 """
 
 from __future__ import annotations
@@ -247,6 +250,7 @@ def run_path(
   rates: dict[str, float],
   train_py: bool,
   torch_threads: list[int],
+  conv_chunk: int = 0,
 ) -> list[dict[str, Any]]:
   """Times one path; one row per affjax case and mode."""
   visual_input = "frames" if path == "end_to_end" else "embeddings"
@@ -273,6 +277,16 @@ def run_path(
     cases["train"].append(harness.Case(f"pytorch {threads}t", t_train))
     cases["infer"].append(harness.Case(f"pytorch {threads}t", t_infer))
   jax_runs = {"train": j_train, "infer": j_infer}
+  if conv_chunk and path == "end_to_end":
+    # Same weights and function, backbone convs over conv_chunk crops a call.
+    chunked = model.clone(backbone=model.backbone.clone(conv_chunk=conv_chunk))
+    name = f"affjax conv_chunk={conv_chunk}"
+    jax_runs[f"train {name}"] = JaxTrain(
+      jax_train_step(chunked, tx), jax_state(variables, tx), batch
+    )
+    jax_runs[f"infer {name}"] = JaxInfer(chunked, variables, batch)
+    for mode in ("train", "infer"):
+      cases[mode].insert(1, harness.Case(name, jax_runs[f"{mode} {name}"].run))
   if train_py and path == "end_to_end":
     tp = train_py_case(model, variables, batch, frames)
     cases["train"].insert(1, harness.Case("affjax train.py", tp.run))
@@ -289,7 +303,10 @@ def run_path(
     for case in group:
       if case.name.startswith("pytorch"):
         continue
-      runner = jax_runs["train.py" if case.name.endswith("train.py") else mode]
+      if case.name.endswith("train.py"):
+        runner = jax_runs["train.py"]
+      else:
+        runner = jax_runs.get(f"{mode} {case.name}", jax_runs[mode])
       floor = runner.flops / best_rate
       rows.append(
         {
@@ -353,6 +370,12 @@ def main() -> None:
     action="store_true",
     help="also time affjax.train.make_train_step",
   )
+  parser.add_argument(
+    "--conv_chunk",
+    type=int,
+    default=0,
+    help="also time end to end with config.model.backbone.conv_chunk=N",
+  )
   parser.add_argument("--json", default="", help="write the rows here")
   args = parser.parse_args()
   harness.set_torch_threads()
@@ -373,7 +396,9 @@ def main() -> None:
       b, t = args.e2e_batch, args.e2e_frames
       n = args.e2e_repeats or args.repeats
       threads = _ints(args.e2e_torch_threads)
-    rows += run_path(path, b, t, n, rates, args.train_py, threads)
+    rows += run_path(
+      path, b, t, n, rates, args.train_py, threads, args.conv_chunk
+    )
     print(f"{path} done, load average {harness.load_average()}", flush=True)
   print(f"\nload average after: {harness.load_average()}")
   print(

@@ -110,6 +110,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.backbone = ml_collections.ConfigDict()
   c.model.backbone.name = "ir50"  # 'ir50' | 'ir_se50' | 'tiny' | 'demo'
   c.model.backbone.dropout = 0.4
+  # Images per convolution call in the backbone, 0 = the whole batch. A CPU
+  # speed setting (XLA:CPU convs slow down on large batches; 64 measured
+  # best in benchmarks/backbone_conv.py); the results are the same.
+  c.model.backbone.conv_chunk = 0
   # Reference backbone weights (`res50_ir_0.887.pth`); '' = random init.
   c.model.backbone_checkpoint = ""
   # Workdir of an earlier run (e.g. configs/cached_embeddings.py) whose best

@@ -172,7 +172,8 @@ class VisualOnly(nn.Module):
 
 
 def build_backbone(backbone_config: Any) -> nn.Module:
-  """The frame backbone of `config.model.backbone` (`name`, `dropout`).
+  """The frame backbone of `config.model.backbone` (`name`, `dropout`,
+  `conv_chunk`).
 
   Raises:
     ValueError: unknown backbone name.
@@ -183,7 +184,10 @@ def build_backbone(backbone_config: Any) -> nn.Module:
       f"config.model.backbone.name must be one of "
       f"{sorted(iresnet.BACKBONES)}, got {name!r}."
     )
-  return iresnet.BACKBONES[name](dropout_rate=float(backbone_config.dropout))
+  return iresnet.BACKBONES[name](
+    dropout_rate=float(backbone_config.dropout),
+    conv_chunk=int(backbone_config.get("conv_chunk", 0)),
+  )
 
 
 def build_model(model_config: Any) -> nn.Module:
