@@ -85,3 +85,24 @@ def test_conv_chunk_may_differ_from_the_checkpoint_on_resume_and_eval():
   for keys in (train.RESUME_SAFE_KEYS, train.EVAL_SAFE_KEYS):
     assert not checkpoints.config_differences(saved_json, current, keys)
   assert checkpoints.config_differences(saved_json, current)
+
+
+def test_chunked_conv_keeps_a_batch_sharding_without_gathering():
+  # 8 devices, 32 images in chunks of 8: every chunk is spread over all the
+  # devices, so the loop needs no communication.
+  devices = jax.devices()
+  assert len(devices) == 8
+  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  x, k = _conv_inputs(32, hw=8, cin=4, cout=4, seed=3)
+  x = jax.device_put(x, batch)
+  pad = ((1, 1), (1, 1))
+  fn = jax.jit(
+    lambda x, k: iresnet.conv2d(x, k, (1, 1), pad, 8),
+    out_shardings=batch,
+  )
+  hlo = fn.lower(x, k).compile().as_text()
+  assert "all-gather" not in hlo and "all-to-all" not in hlo
+  np.testing.assert_allclose(
+    fn(x, k), iresnet.conv2d(x, k, (1, 1), pad), rtol=1e-6, atol=1e-6
+  )
