@@ -7,9 +7,10 @@ each stage on `--crops` crops (stage 1: 40x40x64, 2: 20x20x128, 3: 10x10x256,
 4: 5x5x512), cases alternated, medians, and prints GFLOP/s (direct-conv
 FLOPs, so Winograd's figure is an equivalent rate):
 
-* `xla`: `lax.conv_general_dilated`, NHWC / HWIO, what `affjax.models.iresnet`
-  runs;
-* `xla chunks`: the same conv mapped (`lax.map`) over 64-crop chunks;
+* `xla`: `affjax.models.iresnet.conv2d` (`lax.conv_general_dilated`, NHWC /
+  HWIO), what the backbone runs;
+* `xla chunks`: the same with `chunk=64`, as with
+  `config.model.backbone.conv_chunk=64`;
 * `winograd`: Winograd F(2x2, 3x3) in plain jnp (input and output transforms
   as slices and adds, 16 batched `[tiles, Cin] x [Cin, Cout]` dots), 2.25x
   fewer multiplies; checked against `xla` first;
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from affjax.models import iresnet
 from benchmarks import harness
 
 # Each stage's stride-1 3x3 conv: (height = width, channels) on 40x40 input.
@@ -48,16 +50,6 @@ CHUNK = 64
 _G = np.array(
   [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32
 )
-
-
-def xla_conv(x, kernel):
-  return jax.lax.conv_general_dilated(
-    x,
-    kernel,
-    (1, 1),
-    ((1, 1), (1, 1)),
-    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-  )
 
 
 def _input_transform(r0, r1, r2, r3):
@@ -97,15 +89,6 @@ def winograd_conv(x, kernel):
   return y[:, :h, :w]
 
 
-def chunked_xla_conv(x, kernel, chunk: int = CHUNK):
-  """`xla_conv` mapped over `chunk` crops at a time (sequential loop)."""
-  n = x.shape[0]
-  y = jax.lax.map(
-    lambda xc: xla_conv(xc, kernel), x.reshape(n // chunk, chunk, *x.shape[1:])
-  )
-  return y.reshape(n, *y.shape[2:])
-
-
 def stage_row(crops: int, hw: int, c: int, repeats: int) -> str:
   """One stage's conv, every implementation, as a table row."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -114,8 +97,10 @@ def stage_row(crops: int, hw: int, c: int, repeats: int) -> str:
   x = rng.normal(size=(crops, hw, hw, c)).astype(np.float32)
   k = (rng.normal(size=(3, 3, c, c)) * 0.05).astype(np.float32)
   jx, jk = jnp.asarray(x), jnp.asarray(k)
-  direct, wino = jax.jit(xla_conv), jax.jit(winograd_conv)
-  chunked = jax.jit(chunked_xla_conv)
+  pad = ((1, 1), (1, 1))
+  direct = jax.jit(lambda x, k: iresnet.conv2d(x, k, (1, 1), pad))
+  chunked = jax.jit(lambda x, k: iresnet.conv2d(x, k, (1, 1), pad, CHUNK))
+  wino = jax.jit(winograd_conv)
   want = np.asarray(direct(jx, jk))
   err = np.max(np.abs(np.asarray(wino(jx, jk)) - want)) / np.max(np.abs(want))
   chunk_err = np.max(np.abs(np.asarray(chunked(jx, jk)) - want))

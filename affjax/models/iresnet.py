@@ -69,8 +69,8 @@ def conv2d(
 ) -> Array:
   """NHWC x HWIO convolution, optionally over `chunk` images at a time.
 
-  XLA:CPU's convolution gets slower per image as the batch grows (an IR-50
-  stage-3 conv: 186 GFLOP/s on 64 crops, 125-137 on 1024-2048;
+  XLA:CPU's convolution is faster per image on small batches (IR-50's
+  convs on 1024 crops run 1.2-1.3x faster in 64-crop chunks;
   `benchmarks/backbone_conv.py`), so on CPU the frozen forward over 2400
   crops is faster as a loop over chunks. Same result as one call.
 
