@@ -40,19 +40,23 @@ class ConcordanceMoments(clu_metrics.Metric):
   moments: affjax_metrics.Moments
 
   @classmethod
-  def from_model_output(cls, predictions: jax.Array, labels: jax.Array,
-                        mask: jax.Array | None = None,
-                        **_) -> "ConcordanceMoments":
+  def from_model_output(
+    cls,
+    predictions: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array | None = None,
+    **_,
+  ) -> "ConcordanceMoments":
     return cls(moments=affjax_metrics.moments(predictions, labels, mask))
 
   def merge(self, other: "ConcordanceMoments") -> "ConcordanceMoments":
     return type(self)(
-        moments=affjax_metrics.merge_moments(self.moments, other.moments))
+      moments=affjax_metrics.merge_moments(self.moments, other.moments)
+    )
 
   def reduce(self) -> "ConcordanceMoments":
     # After `gather_from_model_output` each field has a leading device axis.
-    return type(self)(
-        moments=jax.tree.map(lambda x: x.sum(0), self.moments))
+    return type(self)(moments=jax.tree.map(lambda x: x.sum(0), self.moments))
 
   def compute(self) -> jax.Array:
     return affjax_metrics.ccc_from_moments(self.moments)

@@ -18,16 +18,15 @@ keys are accepted and dropped. The backbone (`spatial.*` in full models,
 PyTorch is imported only inside `load_torch_checkpoint`.
 """
 
-from collections.abc import Mapping, Sequence
 import functools
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from affjax.models import av_model
-from affjax.models import iresnet
+from affjax.models import av_model, iresnet
 
 StateDict = Mapping[str, np.ndarray]
 Variables = dict[str, dict[str, Any]]

@@ -41,8 +41,13 @@ ENV_PROCESS_ID = "AFFJAX_PROCESS_ID"
 ENV_LOCAL_DEVICE_IDS = "AFFJAX_LOCAL_DEVICE_IDS"
 
 # What jax's SLURM detection reads (jax/_src/clusters/slurm_cluster.py).
-_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS",
-               "SLURM_PROCID", "SLURM_LOCALID")
+_SLURM_VARS = (
+  "SLURM_JOB_ID",
+  "SLURM_STEP_NODELIST",
+  "SLURM_NTASKS",
+  "SLURM_PROCID",
+  "SLURM_LOCALID",
+)
 
 # host:port with host a name, an IPv4 address or a bracketed IPv6 address.
 _ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d+)$")
@@ -62,6 +67,7 @@ class Plan:
     process_id: this process's index, in `[0, num_processes)`.
     local_device_ids: devices of this host this process uses (None = all).
   """
+
   mode: str
   source: str
   coordinator_address: str | None = None
@@ -78,8 +84,10 @@ def check_address(address: str, what: str = "coordinator_address") -> str:
   """
   match = _ADDRESS.match(address.strip()) if address else None
   if match is None or not 1 <= int(match.group(2)) <= 65535:
-    raise ValueError(f"{what}={address!r}: expected 'host:port' (e.g. "
-                     "'10.0.0.1:8476'), with a port in 1..65535")
+    raise ValueError(
+      f"{what}={address!r}: expected 'host:port' (e.g. "
+      "'10.0.0.1:8476'), with a port in 1..65535"
+    )
   return address.strip()
 
 
@@ -95,24 +103,28 @@ def _to_int(value: int | str, what: str) -> int:
   return number
 
 
-def _device_ids(value: int | str | Sequence[int | str],
-                what: str) -> tuple[int, ...]:
+def _device_ids(
+  value: int | str | Sequence[int | str], what: str
+) -> tuple[int, ...]:
   if isinstance(value, str):
     value = [v for v in value.replace(" ", "").split(",") if v]
   elif not isinstance(value, Sequence):
     value = [value]
   ids = tuple(_to_int(v, what) for v in value)
   if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
-    raise ValueError(f"{what}={value!r}: expected distinct non-negative "
-                     "device ids, e.g. '0,1,2,3'")
+    raise ValueError(
+      f"{what}={value!r}: expected distinct non-negative "
+      "device ids, e.g. '0,1,2,3'"
+    )
   return ids
 
 
 def _slurm_tasks(env: Mapping[str, str]) -> int:
   if not all(name in env for name in _SLURM_VARS):
     return 0
-  return _to_int(env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]),
-                 "SLURM_NTASKS")
+  return _to_int(
+    env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]), "SLURM_NTASKS"
+  )
 
 
 def _tpu_hosts(env: Mapping[str, str]) -> int:
@@ -120,12 +132,15 @@ def _tpu_hosts(env: Mapping[str, str]) -> int:
   return len([n for n in (names or "").split(",") if n])
 
 
-def plan(coordinator_address: str | None = None,
-         num_processes: int | None = None,
-         process_id: int | None = None,
-         local_device_ids: int | str | Sequence[int] | None = None, *,
-         distributed: bool = False,
-         environ: Mapping[str, str] | None = None) -> Plan:
+def plan(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_ids: int | str | Sequence[int] | None = None,
+  *,
+  distributed: bool = False,
+  environ: Mapping[str, str] | None = None,
+) -> Plan:
   """Decides how to join the run (see the module docstring); no side effects.
 
   Args:
@@ -148,10 +163,11 @@ def plan(coordinator_address: str | None = None,
   env = os.environ if environ is None else environ
   values = {}
   for key, flag_value, env_name in (
-      ("coordinator_address", coordinator_address, ENV_COORDINATOR),
-      ("num_processes", num_processes, ENV_NUM_PROCESSES),
-      ("process_id", process_id, ENV_PROCESS_ID),
-      ("local_device_ids", local_device_ids, ENV_LOCAL_DEVICE_IDS)):
+    ("coordinator_address", coordinator_address, ENV_COORDINATOR),
+    ("num_processes", num_processes, ENV_NUM_PROCESSES),
+    ("process_id", process_id, ENV_PROCESS_ID),
+    ("local_device_ids", local_device_ids, ENV_LOCAL_DEVICE_IDS),
+  ):
     if flag_value is not None and flag_value != "":
       values[key] = (flag_value, f"--{key}")
     elif env.get(env_name, "").strip():
@@ -167,16 +183,21 @@ def plan(coordinator_address: str | None = None,
   if tasks > 1:
     return Plan("auto", f"SLURM ({tasks} tasks)", local_device_ids=devices)
   if hosts > 1:
-    return Plan("auto", f"TPU_WORKER_HOSTNAMES ({hosts} hosts)",
-                local_device_ids=devices)
+    return Plan(
+      "auto", f"TPU_WORKER_HOSTNAMES ({hosts} hosts)", local_device_ids=devices
+    )
   if distributed:
-    return Plan("auto", "--distributed (cluster auto-detection)",
-                local_device_ids=devices)
+    return Plan(
+      "auto", "--distributed (cluster auto-detection)", local_device_ids=devices
+    )
   return Plan("single", "no multi-process settings", local_device_ids=devices)
 
 
-def _explicit_plan(values: dict[str, tuple[object, str]],
-                   devices: tuple[int, ...] | None, source: str) -> Plan:
+def _explicit_plan(
+  values: dict[str, tuple[object, str]],
+  devices: tuple[int, ...] | None,
+  source: str,
+) -> Plan:
   """Validates coordinator/process count/id given by flags or AFFJAX_*."""
   num = pid = None
   if "num_processes" in values:
@@ -188,33 +209,44 @@ def _explicit_plan(values: dict[str, tuple[object, str]],
     value, what = values["process_id"]
     pid = _to_int(value, what)
     if num is not None and not 0 <= pid < num:
-      raise ValueError(f"{what}={value!r}: expected a process id in "
-                       f"[0, {num}) for {num} processes")
+      raise ValueError(
+        f"{what}={value!r}: expected a process id in "
+        f"[0, {num}) for {num} processes"
+      )
   address = None
   if "coordinator_address" in values:
     value, what = values["coordinator_address"]
     address = check_address(str(value), what)
   if num == 1 and pid in (None, 0):
     return Plan("single", source, address, 1, 0, devices)
-  missing = [f"--{key} / {env}" for key, env in (
+  missing = [
+    f"--{key} / {env}"
+    for key, env in (
       ("coordinator_address", ENV_COORDINATOR),
       ("num_processes", ENV_NUM_PROCESSES),
-      ("process_id", ENV_PROCESS_ID)) if key not in values]
+      ("process_id", ENV_PROCESS_ID),
+    )
+    if key not in values
+  ]
   if missing:
     raise ValueError(
-        f"incomplete multi-process settings: {source} given but "
-        f"{', '.join(missing)} missing; give all three (or none, to let JAX "
-        "detect a TPU/SLURM cluster with --distributed)")
+      f"incomplete multi-process settings: {source} given but "
+      f"{', '.join(missing)} missing; give all three (or none, to let JAX "
+      "detect a TPU/SLURM cluster with --distributed)"
+    )
   return Plan("explicit", source, address, num, pid, devices)
 
 
-def maybe_initialize(coordinator_address: str | None = None,
-                     num_processes: int | None = None,
-                     process_id: int | None = None,
-                     local_device_ids: int | str | Sequence[int] | None = None,
-                     *, distributed: bool = False,
-                     initialization_timeout: int = 300,
-                     environ: Mapping[str, str] | None = None) -> Plan:
+def maybe_initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_ids: int | str | Sequence[int] | None = None,
+  *,
+  distributed: bool = False,
+  initialization_timeout: int = 300,
+  environ: Mapping[str, str] | None = None,
+) -> Plan:
   """Initialises `jax.distributed` if this is one of several processes.
 
   Must run before any JAX computation (it may not follow `jax.devices()`).
@@ -232,43 +264,64 @@ def maybe_initialize(coordinator_address: str | None = None,
     ValueError: as in `plan`; or when `distributed=True` but JAX finds no
       cluster and no coordinator was given.
   """
-  p = plan(coordinator_address, num_processes, process_id, local_device_ids,
-           distributed=distributed, environ=environ)
+  p = plan(
+    coordinator_address,
+    num_processes,
+    process_id,
+    local_device_ids,
+    distributed=distributed,
+    environ=environ,
+  )
   if p.mode == "single":
     if p.local_device_ids is not None:
-      logging.warning("local_device_ids=%s ignored: single-process run",
-                      p.local_device_ids)
+      logging.warning(
+        "local_device_ids=%s ignored: single-process run", p.local_device_ids
+      )
   elif jax.distributed.is_initialized():
-    logging.info("jax.distributed already initialised; not again (%s).",
-                 p.source)
+    logging.info(
+      "jax.distributed already initialised; not again (%s).", p.source
+    )
   else:
-    logging.info("Initialising jax.distributed from %s: coordinator=%s "
-                 "num_processes=%s process_id=%s local_device_ids=%s",
-                 p.source, p.coordinator_address, p.num_processes,
-                 p.process_id, p.local_device_ids)
+    logging.info(
+      "Initialising jax.distributed from %s: coordinator=%s "
+      "num_processes=%s process_id=%s local_device_ids=%s",
+      p.source,
+      p.coordinator_address,
+      p.num_processes,
+      p.process_id,
+      p.local_device_ids,
+    )
     try:
       jax.distributed.initialize(
-          coordinator_address=p.coordinator_address,
-          num_processes=p.num_processes, process_id=p.process_id,
-          local_device_ids=(None if p.local_device_ids is None
-                            else list(p.local_device_ids)),
-          initialization_timeout=initialization_timeout,
-          # Explicit settings are the whole truth: inside a SLURM step JAX
-          # would otherwise fill local_device_ids=None with [SLURM_LOCALID],
-          # i.e. one GPU for a process meant to use all of a node's GPUs.
-          cluster_detection_method=(
-              "deactivate" if p.mode == "explicit" else None))
+        coordinator_address=p.coordinator_address,
+        num_processes=p.num_processes,
+        process_id=p.process_id,
+        local_device_ids=(
+          None if p.local_device_ids is None else list(p.local_device_ids)
+        ),
+        initialization_timeout=initialization_timeout,
+        # Explicit settings are the whole truth: inside a SLURM step JAX
+        # would otherwise fill local_device_ids=None with [SLURM_LOCALID],
+        # i.e. one GPU for a process meant to use all of a node's GPUs.
+        cluster_detection_method=(
+          "deactivate" if p.mode == "explicit" else None
+        ),
+      )
     except ValueError as e:
       if p.mode != "auto":
         raise
       raise ValueError(
-          f"{p.source}: JAX found no cluster to join ({e}). On a Cloud TPU "
-          "VM or in a SLURM step this is automatic; elsewhere pass "
-          "--coordinator_address, --num_processes and --process_id (or set "
-          f"{ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID})"
+        f"{p.source}: JAX found no cluster to join ({e}). On a Cloud TPU "
+        "VM or in a SLURM step this is automatic; elsewhere pass "
+        "--coordinator_address, --num_processes and --process_id (or set "
+        f"{ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID})"
       ) from e
-  logging.info("Process %d of %d; %d local devices, %d global devices (%s).",
-               jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
+  logging.info(
+    "Process %d of %d; %d local devices, %d global devices (%s).",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].platform,
+  )
   return p

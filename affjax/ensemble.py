@@ -56,12 +56,16 @@ def pairwise_ccc(x: Array) -> Array:
     with itself, (T - 1) / T for non-constant rows, and unused).
   """
   t = x.shape[1]
-  mean = jnp.mean(x, axis=1)                                   # [F]
+  mean = jnp.mean(x, axis=1)  # [F]
   dev = x - mean[:, None]
-  cov = dev @ dev.T / t                                        # population
-  var = jnp.sum(dev * dev, axis=1) / (t - 1)                   # n - 1
-  denom = (var[:, None] + var[None, :] + (mean[:, None] - mean[None, :]) ** 2
-           + _eps(x.dtype))
+  cov = dev @ dev.T / t  # population
+  var = jnp.sum(dev * dev, axis=1) / (t - 1)  # n - 1
+  denom = (
+    var[:, None]
+    + var[None, :]
+    + (mean[:, None] - mean[None, :]) ** 2
+    + _eps(x.dtype)
+  )
   return 2.0 * cov / denom
 
 
@@ -81,7 +85,8 @@ def ccc_centering(predictions: Array) -> Array:
   predictions = jnp.asarray(predictions)
   if predictions.ndim != 2:
     raise ValueError(
-        f"ccc_centering: expected [n_folds, T], got shape {predictions.shape}")
+      f"ccc_centering: expected [n_folds, T], got shape {predictions.shape}"
+    )
   n, t = predictions.shape
   if n == 1:
     return predictions[0]
@@ -89,22 +94,24 @@ def ccc_centering(predictions: Array) -> Array:
     raise ValueError(f"ccc_centering: need T >= 2 frames, got T={t}")
   ccc = pairwise_ccc(predictions)
   off_diag = 1.0 - jnp.eye(n, dtype=ccc.dtype)
-  agreement = jnp.sum(ccc * off_diag, axis=1) / (n - 1)        # [F]
-  mean = jnp.mean(predictions, axis=1)                         # [F]
+  agreement = jnp.sum(ccc * off_diag, axis=1) / (n - 1)  # [F]
+  mean = jnp.mean(predictions, axis=1)  # [F]
   total = jnp.sum(agreement)
   # All agreements 0 (e.g. constant folds) makes the reference's weight 0/0
   # = NaN; we fall back to the plain mean level there instead.
   weight = jnp.where(
-      total != 0,
-      jnp.sum(mean * agreement / jnp.where(total != 0, total, 1.0)),
-      jnp.mean(mean))
+    total != 0,
+    jnp.sum(mean * agreement / jnp.where(total != 0, total, 1.0)),
+    jnp.mean(mean),
+  )
   centered = predictions - mean[:, None] + weight
   return jnp.mean(centered, axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=("clip_min", "clip_max"))
-def merge_folds(predictions: Array, clip_min: float = -1.0,
-                clip_max: float = 1.0) -> Array:
+def merge_folds(
+  predictions: Array, clip_min: float = -1.0, clip_max: float = 1.0
+) -> Array:
   """CCC centering then the reference's late clip, for several emotions.
 
   Args:

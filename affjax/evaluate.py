@@ -48,11 +48,12 @@ METRIC_NAMES = ("ccc", "pcc", "rmse")
 
 class SplitLike(Protocol):
   """The fields of `affjax.data.pipeline.Split` this module reads."""
+
   name: str
   trial_names: list[str]
-  trial_lengths: np.ndarray        # [n_trials] frames
-  labels: list[np.ndarray]         # per trial [L, n_emotions], -5 invalid
-  label_masks: list[np.ndarray]    # per trial [L] (or [L, n_emotions]) bool
+  trial_lengths: np.ndarray  # [n_trials] frames
+  labels: list[np.ndarray]  # per trial [L, n_emotions], -5 invalid
+  label_masks: list[np.ndarray]  # per trial [L] (or [L, n_emotions]) bool
 
 
 @dataclasses.dataclass
@@ -64,13 +65,15 @@ class WindowPredictions:
     trial: int `[N]` index into the split's trial_names, -1 on padding rows.
     frame_index: int `[N, T]` frame inside the trial, -1 on padding frames.
   """
+
   preds: np.ndarray
   trial: np.ndarray
   frame_index: np.ndarray
 
 
-def collect_windows(predict_fn: PredictFn,
-                    batches: Iterable[Batch]) -> WindowPredictions:
+def collect_windows(
+  predict_fn: PredictFn, batches: Iterable[Batch]
+) -> WindowPredictions:
   """Runs `predict_fn` over `batches` and stacks the window outputs.
 
   Args:
@@ -90,19 +93,22 @@ def collect_windows(predict_fn: PredictFn,
     frame_index = np.asarray(batch["frame_index"])
     if out.ndim != 3 or out.shape[:2] != frame_index.shape:
       raise ValueError(
-          f"predict_fn output of batch {i} has shape {out.shape}; expected "
-          f"[batch, time, outputs] matching frame_index {frame_index.shape}")
+        f"predict_fn output of batch {i} has shape {out.shape}; expected "
+        f"[batch, time, outputs] matching frame_index {frame_index.shape}"
+      )
     preds.append(out)
     trials.append(np.asarray(batch["trial"]))
     frames.append(frame_index)
   if not preds:
     raise ValueError("collect_windows: the batch iterator yielded nothing")
-  return WindowPredictions(np.concatenate(preds), np.concatenate(trials),
-                           np.concatenate(frames))
+  return WindowPredictions(
+    np.concatenate(preds), np.concatenate(trials), np.concatenate(frames)
+  )
 
 
-def stitch_trials(windows: WindowPredictions,
-                  split: SplitLike) -> list[np.ndarray]:
+def stitch_trials(
+  windows: WindowPredictions, split: SplitLike
+) -> list[np.ndarray]:
   """Per-trial series `[L_i, C]` (float64), averaging overlapping windows.
 
   Raises:
@@ -120,23 +126,26 @@ def stitch_trials(windows: WindowPredictions,
   real = (rows >= 0) & (frame_index >= 0)
   if np.any(rows[real] >= len(lengths)):
     raise ValueError(
-        f"split {split.name!r}: a window refers to trial index "
-        f"{int(rows[real].max())}, but the split has {len(lengths)} trials")
+      f"split {split.name!r}: a window refers to trial index "
+      f"{int(rows[real].max())}, but the split has {len(lengths)} trials"
+    )
   beyond = frame_index[real] >= lengths[rows[real]]
   if np.any(beyond):
     bad = int(rows[real][beyond][0])
     raise ValueError(
-        f"split {split.name!r}, trial {split.trial_names[bad]!r}: a window "
-        f"refers to frame {int(frame_index[real][beyond][0])} but the trial "
-        f"has {lengths[bad]} frames")
+      f"split {split.name!r}, trial {split.trial_names[bad]!r}: a window "
+      f"refers to frame {int(frame_index[real][beyond][0])} but the trial "
+      f"has {lengths[bad]} frames"
+    )
   for i, name in enumerate(split.trial_names):
     covered = np.zeros(lengths[i], bool)
     covered[frame_index[real & (rows == i)]] = True
     if not covered.all():
       raise ValueError(
-          f"split {split.name!r}, trial {name!r}: {int((~covered).sum())} of "
-          f"{lengths[i]} frames have no window prediction (incomplete "
-          f"eval batches, or predictions of other processes not gathered)")
+        f"split {split.name!r}, trial {name!r}: {int((~covered).sum())} of "
+        f"{lengths[i]} frames have no window prediction (incomplete "
+        f"eval batches, or predictions of other processes not gathered)"
+      )
   stitched = stitch_windows(windows.preds, trial, frame_index, lengths)
   return [np.asarray(s, np.float64) for s in stitched]
 
@@ -151,16 +160,26 @@ def _valid_mask(split: SplitLike, i: int, n_emotions: int) -> np.ndarray:
 
 def _scores(pred, label, mask, emotions, ddof) -> dict[str, dict[str, float]]:
   m = metrics.moments_np(pred, label, mask)
-  values = {"ccc": metrics.ccc_from_moments(m, ddof),
-            "pcc": metrics.pcc_from_moments(m),
-            "rmse": metrics.rmse_from_moments(m)}
-  return {e: {**{k: float(values[k][j]) for k in METRIC_NAMES},
-              "num_frames": int(m.count[j])}
-          for j, e in enumerate(emotions)}
+  values = {
+    "ccc": metrics.ccc_from_moments(m, ddof),
+    "pcc": metrics.pcc_from_moments(m),
+    "rmse": metrics.rmse_from_moments(m),
+  }
+  return {
+    e: {
+      **{k: float(values[k][j]) for k in METRIC_NAMES},
+      "num_frames": int(m.count[j]),
+    }
+    for j, e in enumerate(emotions)
+  }
 
 
-def compute_results(stitched: Sequence[np.ndarray], split: SplitLike,
-                    emotions: Sequence[str], variance_ddof: int = 0) -> Results:
+def compute_results(
+  stitched: Sequence[np.ndarray],
+  split: SplitLike,
+  emotions: Sequence[str],
+  variance_ddof: int = 0,
+) -> Results:
   """Partition-level and per-trial metrics of stitched predictions.
 
   Args:
@@ -187,40 +206,51 @@ def compute_results(stitched: Sequence[np.ndarray], split: SplitLike,
     mask = _valid_mask(split, i, c)
     if pred.shape != (label.shape[0], c) or label.shape != mask.shape:
       raise ValueError(
-          f"trial {name!r}: prediction {pred.shape}, label {label.shape}, "
-          f"mask {mask.shape}; expected [{label.shape[0]}, {c}] for "
-          f"emotions {emotions}")
+        f"trial {name!r}: prediction {pred.shape}, label {label.shape}, "
+        f"mask {mask.shape}; expected [{label.shape[0]}, {c}] for "
+        f"emotions {emotions}"
+      )
     trials[name] = _scores(pred, label, mask, emotions, variance_ddof)
     preds.append(pred)
     labels.append(label)
     masks.append(mask)
-  overall = _scores(np.concatenate(preds), np.concatenate(labels),
-                    np.concatenate(masks), emotions, variance_ddof)
+  overall = _scores(
+    np.concatenate(preds),
+    np.concatenate(labels),
+    np.concatenate(masks),
+    emotions,
+    variance_ddof,
+  )
   return {
-      "split": split.name,
-      "emotions": emotions,
-      "num_trials": len(trials),
-      "ccc_mean": float(np.mean([overall[e]["ccc"] for e in emotions])),
-      "overall": overall,
-      "trials": trials,
+    "split": split.name,
+    "emotions": emotions,
+    "num_trials": len(trials),
+    "ccc_mean": float(np.mean([overall[e]["ccc"] for e in emotions])),
+    "overall": overall,
+    "trials": trials,
   }
 
 
 def scalars(results: Results, prefix: str = "") -> dict[str, float]:
   """Flat `{prefix + "<emotion>/<metric>": value}` for metric writers."""
-  out = {f"{prefix}{e}/{k}": results["overall"][e][k]
-         for e in results["emotions"] for k in METRIC_NAMES}
+  out = {
+    f"{prefix}{e}/{k}": results["overall"][e][k]
+    for e in results["emotions"]
+    for k in METRIC_NAMES
+  }
   out[f"{prefix}ccc_mean"] = results["ccc_mean"]
   return out
 
 
-def _atomic_write(path: str, write: Callable[[Any], None],
-                  mode: str = "w") -> None:
+def _atomic_write(
+  path: str, write: Callable[[Any], None], mode: str = "w"
+) -> None:
   """Writes through `write(file)` to a temp file, then renames onto path."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory,
-                             prefix=f".{os.path.basename(path)}.")
+  fd, tmp = tempfile.mkstemp(
+    dir=directory, prefix=f".{os.path.basename(path)}."
+  )
   try:
     with os.fdopen(fd, mode) as f:
       write(f)
@@ -247,19 +277,25 @@ def write_results(path: str, results: Results) -> None:
   _atomic_write(path, lambda f: f.write(text + "\n"))
 
 
-def write_prediction_file(path: str, pred: np.ndarray,
-                          emotions: Sequence[str]) -> None:
+def write_prediction_file(
+  path: str, pred: np.ndarray, emotions: Sequence[str]
+) -> None:
   """One trial's predictions: header `emotion,...`, one row per frame.
 
   Values use 9 significant digits, enough to round-trip float32.
   """
   pred = np.asarray(pred, np.float64)
   if pred.ndim != 2 or pred.shape[1] != len(emotions):
-    raise ValueError(f"{path}: predictions of shape {pred.shape} do not "
-                     f"match emotions {list(emotions)}")
-  _atomic_write(path, lambda f: np.savetxt(
-      f, pred, fmt="%.9g", delimiter=",", header=",".join(emotions),
-      comments=""))
+    raise ValueError(
+      f"{path}: predictions of shape {pred.shape} do not "
+      f"match emotions {list(emotions)}"
+    )
+  _atomic_write(
+    path,
+    lambda f: np.savetxt(
+      f, pred, fmt="%.9g", delimiter=",", header=",".join(emotions), comments=""
+    ),
+  )
 
 
 def read_prediction_file(path: str) -> tuple[list[str], np.ndarray]:
@@ -276,10 +312,11 @@ def read_prediction_file(path: str) -> tuple[list[str], np.ndarray]:
   with open(path) as f:
     header = f.readline().strip()
     names = [h.strip().lower() for h in header.split(",")]
-    if not header or any(not n for n in names) or len(set(names)) != len(
-        names):
-      raise ValueError(f"{path}: bad header line {header!r}; expected "
-                       f"comma-separated emotion names, e.g. valence,arousal")
+    if not header or any(not n for n in names) or len(set(names)) != len(names):
+      raise ValueError(
+        f"{path}: bad header line {header!r}; expected "
+        f"comma-separated emotion names, e.g. valence,arousal"
+      )
     rows = []
     for line_no, line in enumerate(f, start=2):
       if not line.strip():
@@ -287,22 +324,32 @@ def read_prediction_file(path: str) -> tuple[list[str], np.ndarray]:
       try:
         row = [float(v) for v in line.split(",")]
       except ValueError:
-        raise ValueError(f"{path}, line {line_no}: cannot parse {line!r}") \
-            from None
+        raise ValueError(
+          f"{path}, line {line_no}: cannot parse {line!r}"
+        ) from None
       if len(row) != len(names):
-        raise ValueError(f"{path}, line {line_no}: {len(row)} values, "
-                         f"expected {len(names)} ({','.join(names)})")
+        raise ValueError(
+          f"{path}, line {line_no}: {len(row)} values, "
+          f"expected {len(names)} ({','.join(names)})"
+        )
       if not all(math.isfinite(v) for v in row):
-        raise ValueError(f"{path}, line {line_no}: non-finite value in "
-                         f"{line.strip()!r}")
+        raise ValueError(
+          f"{path}, line {line_no}: non-finite value in {line.strip()!r}"
+        )
       rows.append(row)
   data = np.asarray(rows, np.float64).reshape(len(rows), len(names))
   return names, data
 
 
-def plot_trial(path: str, name: str, pred: np.ndarray, label: np.ndarray,
-               mask: np.ndarray, emotions: Sequence[str],
-               scores: Mapping[str, Mapping[str, float]]) -> None:
+def plot_trial(
+  path: str,
+  name: str,
+  pred: np.ndarray,
+  label: np.ndarray,
+  mask: np.ndarray,
+  emotions: Sequence[str],
+  scores: Mapping[str, Mapping[str, float]],
+) -> None:
   """PNG of prediction (red) vs label (green) per emotion, atomically."""
   # The object-oriented API with an Agg canvas keeps no pyplot global state,
   # so this is safe in background threads and needs no display.
@@ -314,11 +361,15 @@ def plot_trial(path: str, name: str, pred: np.ndarray, label: np.ndarray,
   axes = fig.subplots(len(emotions), 1, squeeze=False)[:, 0]
   for j, (ax, emotion) in enumerate(zip(axes, emotions)):
     ax.plot(pred[:, j], "r-", lw=0.8, label="prediction")
-    ax.plot(np.where(mask[:, j], label[:, j], np.nan), "g-", lw=0.8,
-            label="label")
+    ax.plot(
+      np.where(mask[:, j], label[:, j], np.nan), "g-", lw=0.8, label="label"
+    )
     s = scores[emotion]
-    ax.set_title(f"{name} {emotion}: ccc={s['ccc']:.3f} pcc={s['pcc']:.3f} "
-                 f"rmse={s['rmse']:.3f}", fontsize=9)
+    ax.set_title(
+      f"{name} {emotion}: ccc={s['ccc']:.3f} pcc={s['pcc']:.3f} "
+      f"rmse={s['rmse']:.3f}",
+      fontsize=9,
+    )
     ax.set_ylim(-1.1, 1.1)
     ax.set_xlabel("frame")
     ax.legend(loc="upper right", fontsize=7, framealpha=0.3)
@@ -326,32 +377,49 @@ def plot_trial(path: str, name: str, pred: np.ndarray, label: np.ndarray,
   _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80), "wb")
 
 
-def write_outputs(out_dir: str, results: Results,
-                  stitched: Sequence[np.ndarray], split: SplitLike,
-                  emotions: Sequence[str], *, plots: bool = True) -> None:
+def write_outputs(
+  out_dir: str,
+  results: Results,
+  stitched: Sequence[np.ndarray],
+  split: SplitLike,
+  emotions: Sequence[str],
+  *,
+  plots: bool = True,
+) -> None:
   """Writes results.json, predictions/<trial>.txt and plots/<trial>.png."""
   for i, name in enumerate(split.trial_names):
     write_prediction_file(
-        os.path.join(out_dir, "predictions", f"{name}.txt"), stitched[i],
-        emotions)
+      os.path.join(out_dir, "predictions", f"{name}.txt"), stitched[i], emotions
+    )
     if plots:
-      plot_trial(os.path.join(out_dir, "plots", f"{name}.png"), name,
-                 stitched[i], np.asarray(split.labels[i]),
-                 _valid_mask(split, i, len(emotions)), emotions,
-                 results["trials"][name])
+      plot_trial(
+        os.path.join(out_dir, "plots", f"{name}.png"),
+        name,
+        stitched[i],
+        np.asarray(split.labels[i]),
+        _valid_mask(split, i, len(emotions)),
+        emotions,
+        results["trials"][name],
+      )
   # Last, so that its presence means the directory is complete.
   write_results(os.path.join(out_dir, "results.json"), results)
 
 
-def evaluate_predictions(windows: WindowPredictions, split: SplitLike,
-                         emotions: Sequence[str], *,
-                         out_dir: str | None = None, plots: bool = True,
-                         variance_ddof: int = 0) -> Results:
+def evaluate_predictions(
+  windows: WindowPredictions,
+  split: SplitLike,
+  emotions: Sequence[str],
+  *,
+  out_dir: str | None = None,
+  plots: bool = True,
+  variance_ddof: int = 0,
+) -> Results:
   """Stitches gathered window predictions, scores them, optionally writes."""
   if windows.preds.shape[-1] != len(emotions):
     raise ValueError(
-        f"predictions have {windows.preds.shape[-1]} outputs but emotions "
-        f"are {list(emotions)}")
+      f"predictions have {windows.preds.shape[-1]} outputs but emotions "
+      f"are {list(emotions)}"
+    )
   stitched = stitch_trials(windows, split)
   results = compute_results(stitched, split, emotions, variance_ddof)
   if out_dir is not None:
@@ -359,10 +427,16 @@ def evaluate_predictions(windows: WindowPredictions, split: SplitLike,
   return results
 
 
-def evaluate_windows(predict_fn: PredictFn, batches: Iterable[Batch],
-                     split: SplitLike, emotions: Sequence[str], *,
-                     out_dir: str | None = None, plots: bool = True,
-                     variance_ddof: int = 0) -> Results:
+def evaluate_windows(
+  predict_fn: PredictFn,
+  batches: Iterable[Batch],
+  split: SplitLike,
+  emotions: Sequence[str],
+  *,
+  out_dir: str | None = None,
+  plots: bool = True,
+  variance_ddof: int = 0,
+) -> Results:
   """Evaluates a model over every window of a split (single process).
 
   Args:
@@ -379,5 +453,10 @@ def evaluate_windows(predict_fn: PredictFn, batches: Iterable[Batch],
     The results dict of `compute_results`.
   """
   return evaluate_predictions(
-      collect_windows(predict_fn, batches), split, emotions, out_dir=out_dir,
-      plots=plots, variance_ddof=variance_ddof)
+    collect_windows(predict_fn, batches),
+    split,
+    emotions,
+    out_dir=out_dir,
+    plots=plots,
+    variance_ddof=variance_ddof,
+  )

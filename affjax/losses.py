@@ -33,12 +33,14 @@ def _check_shapes(pred: Array, target: Array, mask: Array | None) -> Array:
   """Validates shapes; returns a float mask broadcast to `pred.shape`."""
   if pred.shape != target.shape:
     raise ValueError(
-        f"ccc_loss: pred and target shapes differ: pred {pred.shape}, "
-        f"target {target.shape}")
+      f"ccc_loss: pred and target shapes differ: pred {pred.shape}, "
+      f"target {target.shape}"
+    )
   if pred.ndim != 3:
     raise ValueError(
-        f"ccc_loss: expected [batch, time, outputs] arrays, got shape "
-        f"{pred.shape}")
+      f"ccc_loss: expected [batch, time, outputs] arrays, got shape "
+      f"{pred.shape}"
+    )
   if mask is None:
     return jnp.ones(pred.shape, pred.dtype)
   mask = jnp.asarray(mask)
@@ -46,13 +48,15 @@ def _check_shapes(pred: Array, target: Array, mask: Array | None) -> Array:
     mask = mask[..., None]
   elif mask.shape != pred.shape:
     raise ValueError(
-        f"ccc_loss: mask shape {mask.shape} must be [batch, time] "
-        f"{pred.shape[:2]} or equal to pred shape {pred.shape}")
+      f"ccc_loss: mask shape {mask.shape} must be [batch, time] "
+      f"{pred.shape[:2]} or equal to pred shape {pred.shape}"
+    )
   return jnp.broadcast_to(mask, pred.shape).astype(pred.dtype)
 
 
-def sequence_ccc(pred: Array, target: Array,
-                 mask: Array | None = None) -> tuple[Array, Array]:
+def sequence_ccc(
+  pred: Array, target: Array, mask: Array | None = None
+) -> tuple[Array, Array]:
   """Reference-style CCC of every sequence and output channel.
 
   Args:
@@ -76,15 +80,15 @@ def sequence_ccc(pred: Array, target: Array,
   # (NaN, -5 sentinels) cannot leak into values or gradients.
   p = jnp.where(w > 0, pred, 0)
   t = jnp.where(w > 0, target, 0)
-  n = jnp.sum(w, axis=1)                                   # [B, C]
+  n = jnp.sum(w, axis=1)  # [B, C]
   valid = n >= 2
   n_safe = jnp.where(valid, n, 2)
   p_mean = jnp.sum(w * p, axis=1) / n_safe
   t_mean = jnp.sum(w * t, axis=1) / n_safe
   dp = w * (p - p_mean[:, None])
   dt = w * (t - t_mean[:, None])
-  cov = jnp.sum(dp * dt, axis=1) / n_safe                  # population
-  p_var = jnp.sum(dp * dp, axis=1) / (n_safe - 1)          # unbiased
+  cov = jnp.sum(dp * dt, axis=1) / n_safe  # population
+  p_var = jnp.sum(dp * dp, axis=1) / (n_safe - 1)  # unbiased
   t_var = jnp.sum(dt * dt, axis=1) / (n_safe - 1)
   denom = p_var + t_var + (p_mean - t_mean) ** 2 + CCC_LOSS_EPS
   ccc = jnp.where(valid, 2.0 * cov / denom, 0.0)

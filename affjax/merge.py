@@ -25,8 +25,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from affjax import ensemble
-from affjax import evaluate
+from affjax import ensemble, evaluate
 
 PathLike = str | os.PathLike
 
@@ -34,16 +33,21 @@ PathLike = str | os.PathLike
 def _list_trials(pred_dir: str) -> set[str]:
   if not os.path.isdir(pred_dir):
     raise FileNotFoundError(f"prediction directory {pred_dir} does not exist")
-  trials = {f[:-4] for f in os.listdir(pred_dir)
-            if f.endswith(".txt") and not f.startswith(".")}
+  trials = {
+    f[:-4]
+    for f in os.listdir(pred_dir)
+    if f.endswith(".txt") and not f.startswith(".")
+  }
   if not trials:
-    raise ValueError(f"prediction directory {pred_dir} has no <trial>.txt "
-                     f"files")
+    raise ValueError(
+      f"prediction directory {pred_dir} has no <trial>.txt files"
+    )
   return trials
 
 
-def _check_trial_sets(dirs: Sequence[str],
-                      trials: Sequence[str] | None) -> list[str]:
+def _check_trial_sets(
+  dirs: Sequence[str], trials: Sequence[str] | None
+) -> list[str]:
   """Returns the sorted trials to merge; raises naming the odd directory."""
   sets = [_list_trials(d) for d in dirs]
   if trials is not None:
@@ -51,20 +55,24 @@ def _check_trial_sets(dirs: Sequence[str],
     for d, s in zip(dirs, sets):
       missing = sorted(wanted - s)
       if missing:
-        raise ValueError(f"{d}: missing predictions for {len(missing)} "
-                         f"trial(s): {missing[:10]}")
+        raise ValueError(
+          f"{d}: missing predictions for {len(missing)} "
+          f"trial(s): {missing[:10]}"
+        )
     return sorted(wanted)
   for d, s in zip(dirs[1:], sets[1:]):
     if s != sets[0]:
       raise ValueError(
-          f"trial sets differ between {dirs[0]} and {d}: only in the first "
-          f"{sorted(sets[0] - s)[:10]}, only in the second "
-          f"{sorted(s - sets[0])[:10]}")
+        f"trial sets differ between {dirs[0]} and {d}: only in the first "
+        f"{sorted(sets[0] - s)[:10]}, only in the second "
+        f"{sorted(s - sets[0])[:10]}"
+      )
   return sorted(sets[0])
 
 
-def _gather(dirs: Sequence[str], trial: str,
-            emotions: Sequence[str]) -> np.ndarray:
+def _gather(
+  dirs: Sequence[str], trial: str, emotions: Sequence[str]
+) -> np.ndarray:
   """Stacks the folds' series of one trial: float64 `[n_folds, L, E]`."""
   per_emotion: dict[str, list[np.ndarray]] = {e: [] for e in emotions}
   length, first = None, None
@@ -74,25 +82,34 @@ def _gather(dirs: Sequence[str], trial: str,
     if length is None:
       length, first = data.shape[0], path
     elif data.shape[0] != length:
-      raise ValueError(f"length mismatch for trial {trial!r}: {first} has "
-                       f"{length} frames, {path} has {data.shape[0]}")
+      raise ValueError(
+        f"length mismatch for trial {trial!r}: {first} has "
+        f"{length} frames, {path} has {data.shape[0]}"
+      )
     for e in emotions:
       if e in names:
         per_emotion[e].append(data[:, names.index(e)])
   counts = {e: len(v) for e, v in per_emotion.items()}
   if min(counts.values()) == 0 or len(set(counts.values())) != 1:
     raise ValueError(
-        f"trial {trial!r}: every emotion needs the same number (>0) of fold "
-        f"predictions, found {counts} across {len(dirs)} directories")
+      f"trial {trial!r}: every emotion needs the same number (>0) of fold "
+      f"predictions, found {counts} across {len(dirs)} directories"
+    )
   if length < 2 and counts[emotions[0]] > 1:
-    raise ValueError(f"trial {trial!r}: {first} has {length} frame(s); CCC "
-                     f"centering needs at least 2")
+    raise ValueError(
+      f"trial {trial!r}: {first} has {length} frame(s); CCC "
+      f"centering needs at least 2"
+    )
   return np.stack([np.stack(per_emotion[e]) for e in emotions], axis=-1)
 
 
-def merge_folds(pred_dirs: Sequence[PathLike], out_dir: PathLike,
-                emotions: Sequence[str] = ("valence", "arousal"), *,
-                trials: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+def merge_folds(
+  pred_dirs: Sequence[PathLike],
+  out_dir: PathLike,
+  emotions: Sequence[str] = ("valence", "arousal"),
+  *,
+  trials: Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
   """Merges fold predictions per trial and writes submission files.
 
   Args:
@@ -124,11 +141,11 @@ def merge_folds(pred_dirs: Sequence[PathLike], out_dir: PathLike,
     stacked = _gather(dirs, trial, emotions)
     # Float64 as in the reference (its 1e-100 stabiliser needs it).
     with jax.enable_x64(True):
-      merged[trial] = np.asarray(ensemble.merge_folds(stacked),
-                                 np.float64)
+      merged[trial] = np.asarray(ensemble.merge_folds(stacked), np.float64)
   # Write only after every trial merged, so a bad input leaves no partial
   # submission behind.
   for trial, series in merged.items():
-    evaluate.write_prediction_file(os.path.join(out_dir, f"{trial}.txt"),
-                                   series, emotions)
+    evaluate.write_prediction_file(
+      os.path.join(out_dir, f"{trial}.txt"), series, emotions
+    )
   return merged

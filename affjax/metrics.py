@@ -49,6 +49,7 @@ class Moments(NamedTuple):
     sum_sq_err: sum of (prediction - target)^2, kept separately so RMSE does
       not suffer the cancellation of sum_pp - 2 sum_pt + sum_tt.
   """
+
   count: Array
   sum_p: Array
   sum_t: Array
@@ -62,8 +63,8 @@ def _flatten(pred, target, mask, xp):
   """Checks shapes and returns `[frames, outputs]` arrays and weights."""
   if pred.shape != target.shape:
     raise ValueError(
-        f"pred and target shapes differ: pred {pred.shape}, "
-        f"target {target.shape}")
+      f"pred and target shapes differ: pred {pred.shape}, target {target.shape}"
+    )
   if pred.ndim < 1:
     raise ValueError(f"expected [..., outputs] arrays, got shape {pred.shape}")
   c = pred.shape[-1]
@@ -75,8 +76,8 @@ def _flatten(pred, target, mask, xp):
       mask = mask[..., None]
     elif mask.shape != pred.shape:
       raise ValueError(
-          f"mask shape {mask.shape} must be {pred.shape[:-1]} or "
-          f"{pred.shape}")
+        f"mask shape {mask.shape} must be {pred.shape[:-1]} or {pred.shape}"
+      )
     w = xp.broadcast_to(mask, pred.shape).astype(pred.dtype)
   p = xp.where(w > 0, pred, 0).reshape(-1, c)
   t = xp.where(w > 0, target, 0).reshape(-1, c)
@@ -102,21 +103,32 @@ def moments(pred: Array, target: Array, mask: Array | None = None) -> Moments:
   target = jnp.asarray(target, pred.dtype)
   p, t, w = _flatten(pred, target, mask, jnp)
   return Moments(
-      count=w.sum(0), sum_p=(w * p).sum(0), sum_t=(w * t).sum(0),
-      sum_pp=(w * p * p).sum(0), sum_tt=(w * t * t).sum(0),
-      sum_pt=(w * p * t).sum(0), sum_sq_err=(w * (p - t) ** 2).sum(0))
+    count=w.sum(0),
+    sum_p=(w * p).sum(0),
+    sum_t=(w * t).sum(0),
+    sum_pp=(w * p * p).sum(0),
+    sum_tt=(w * t * t).sum(0),
+    sum_pt=(w * p * t).sum(0),
+    sum_sq_err=(w * (p - t) ** 2).sum(0),
+  )
 
 
-def moments_np(pred: np.ndarray, target: np.ndarray,
-               mask: np.ndarray | None = None) -> Moments:
+def moments_np(
+  pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None
+) -> Moments:
   """Float64 numpy version of `moments` for host-side accumulation."""
   pred = np.asarray(pred, np.float64)
   target = np.asarray(target, np.float64)
   p, t, w = _flatten(pred, target, mask, np)
   return Moments(
-      count=w.sum(0), sum_p=(w * p).sum(0), sum_t=(w * t).sum(0),
-      sum_pp=(w * p * p).sum(0), sum_tt=(w * t * t).sum(0),
-      sum_pt=(w * p * t).sum(0), sum_sq_err=(w * (p - t) ** 2).sum(0))
+    count=w.sum(0),
+    sum_p=(w * p).sum(0),
+    sum_t=(w * t).sum(0),
+    sum_pp=(w * p * p).sum(0),
+    sum_tt=(w * t * t).sum(0),
+    sum_pt=(w * p * t).sum(0),
+    sum_sq_err=(w * (p - t) ** 2).sum(0),
+  )
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
@@ -166,12 +178,16 @@ def rmse_from_moments(m: Moments) -> Array:
   """Root mean squared error per output channel from `Moments`."""
   xp = jnp if isinstance(m.count, jax.Array) else np
   n = m.count
-  return xp.where(n > 0, xp.sqrt(m.sum_sq_err / xp.where(n > 0, n, 1)),
-                  xp.nan)
+  return xp.where(n > 0, xp.sqrt(m.sum_sq_err / xp.where(n > 0, n, 1)), xp.nan)
 
 
-def ccc(pred: Array, target: Array, mask: Array | None = None, *,
-        variance_ddof: int = 0) -> Array:
+def ccc(
+  pred: Array,
+  target: Array,
+  mask: Array | None = None,
+  *,
+  variance_ddof: int = 0,
+) -> Array:
   """CCC over all valid frames, per output channel.
 
   Args:
@@ -196,10 +212,16 @@ def rmse(pred: Array, target: Array, mask: Array | None = None) -> Array:
   return rmse_from_moments(moments(pred, target, mask))
 
 
-def all_metrics_np(pred: np.ndarray, target: np.ndarray,
-                   mask: np.ndarray | None = None,
-                   variance_ddof: int = 0) -> dict[str, np.ndarray]:
+def all_metrics_np(
+  pred: np.ndarray,
+  target: np.ndarray,
+  mask: np.ndarray | None = None,
+  variance_ddof: int = 0,
+) -> dict[str, np.ndarray]:
   """Float64 host-side `{"ccc", "pcc", "rmse"}`, each `[outputs]`."""
   m = moments_np(pred, target, mask)
-  return {"ccc": ccc_from_moments(m, variance_ddof),
-          "pcc": pcc_from_moments(m), "rmse": rmse_from_moments(m)}
+  return {
+    "ccc": ccc_from_moments(m, variance_ddof),
+    "pcc": pcc_from_moments(m),
+    "rmse": rmse_from_moments(m),
+  }

@@ -26,46 +26,71 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-if __package__ in (None, ""):   # run as a file: make `launch` importable
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__))))
+if __package__ in (None, ""):  # run as a file: make `launch` importable
+  sys.path.insert(
+    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  )
 
 from launch import jobs as jobs_lib
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   jobs_lib.add_common_options(parser, workdir_help="base workdir")
 
   def opt(name, **kwargs):
     jobs_lib.add_option(parser, name, **kwargs)
 
   opt("install", action="store_true", help="create the venv and install")
-  opt("venv", default=os.path.join(jobs_lib.REPO, ".venv"),
-      help="virtualenv to install into / run from")
+  opt(
+    "venv",
+    default=os.path.join(jobs_lib.REPO, ".venv"),
+    help="virtualenv to install into / run from",
+  )
   opt("python", default="python3", help="interpreter that creates the venv")
   opt("extras", default="preprocess", help="pip extras of affjax")
-  opt("jax_version", default=jobs_lib.pinned_jax_version(),
-      help="jax[cuda13] version (default: .ci/constraints.txt)")
-  opt("num_gpus", type=int, default=0,
-      help="GPUs on this host (default: counted with nvidia-smi)")
-  opt("gpus_per_job", type=int, default=0,
-      help="GPUs per job; 0 = all (jobs run one after the other)")
-  opt("log_dir", default="workdirs/launch_logs",
-      help="per-job logs when jobs run in parallel")
+  opt(
+    "jax_version",
+    default=jobs_lib.pinned_jax_version(),
+    help="jax[cuda13] version (default: .ci/constraints.txt)",
+  )
+  opt(
+    "num_gpus",
+    type=int,
+    default=0,
+    help="GPUs on this host (default: counted with nvidia-smi)",
+  )
+  opt(
+    "gpus_per_job",
+    type=int,
+    default=0,
+    help="GPUs per job; 0 = all (jobs run one after the other)",
+  )
+  opt(
+    "log_dir",
+    default="workdirs/launch_logs",
+    help="per-job logs when jobs run in parallel",
+  )
   return parser
 
 
 def install_commands(args: argparse.Namespace) -> list[list[str]]:
   pip = os.path.join(args.venv, "bin", "pip")
   return [
-      [args.python, "-m", "venv", args.venv],
-      [pip, "install", "-q", "--upgrade", "pip"],
-      [pip, "install", "-q", "-c",
-       os.path.join(jobs_lib.REPO, ".ci", "constraints.txt"),
-       "-e", f"{jobs_lib.REPO}[{args.extras}]",
-       f"jax[cuda13]=={args.jax_version}"],
+    [args.python, "-m", "venv", args.venv],
+    [pip, "install", "-q", "--upgrade", "pip"],
+    [
+      pip,
+      "install",
+      "-q",
+      "-c",
+      os.path.join(jobs_lib.REPO, ".ci", "constraints.txt"),
+      "-e",
+      f"{jobs_lib.REPO}[{args.extras}]",
+      f"jax[cuda13]=={args.jax_version}",
+    ],
   ]
 
 
@@ -74,8 +99,13 @@ def count_gpus() -> int:
   if shutil.which("nvidia-smi") is None:
     return 0
   try:
-    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True,
-                         text=True, timeout=30, check=True).stdout
+    out = subprocess.run(
+      ["nvidia-smi", "-L"],
+      capture_output=True,
+      text=True,
+      timeout=30,
+      check=True,
+    ).stdout
   except (subprocess.SubprocessError, OSError):
     return 0
   return sum(line.startswith("GPU ") for line in out.splitlines())
@@ -88,17 +118,27 @@ def gpu_groups(num_gpus: int, gpus_per_job: int) -> list[str]:
     ValueError: if the GPUs do not split into groups of `gpus_per_job`.
   """
   if num_gpus < 1:
-    raise ValueError("--gpus_per_job needs the GPU count: nvidia-smi found "
-                     "none; pass --num_gpus")
+    raise ValueError(
+      "--gpus_per_job needs the GPU count: nvidia-smi found "
+      "none; pass --num_gpus"
+    )
   if gpus_per_job < 1 or num_gpus % gpus_per_job:
-    raise ValueError(f"--gpus_per_job={gpus_per_job}: expected a divisor of "
-                     f"the {num_gpus} GPUs")
-  return [",".join(str(g) for g in range(s, s + gpus_per_job))
-          for s in range(0, num_gpus, gpus_per_job)]
+    raise ValueError(
+      f"--gpus_per_job={gpus_per_job}: expected a divisor of "
+      f"the {num_gpus} GPUs"
+    )
+  return [
+    ",".join(str(g) for g in range(s, s + gpus_per_job))
+    for s in range(0, num_gpus, gpus_per_job)
+  ]
 
 
-def job_command(args: argparse.Namespace, job: jobs_lib.Job,
-                extra: Sequence[str], devices: str | None) -> list[str]:
+def job_command(
+  args: argparse.Namespace,
+  job: jobs_lib.Job,
+  extra: Sequence[str],
+  devices: str | None,
+) -> list[str]:
   env = ["env", "TF_CPP_MIN_LOG_LEVEL=2"]
   if devices is not None:
     env.append(f"CUDA_VISIBLE_DEVICES={devices}")
@@ -106,8 +146,9 @@ def job_command(args: argparse.Namespace, job: jobs_lib.Job,
   return env + [python, "-m", "affjax.main"] + job.main_args(extra=extra)
 
 
-def _run_parallel(args, jobs, extra, runner: jobs_lib.Runner,
-                  groups: list[str]) -> None:
+def _run_parallel(
+  args, jobs, extra, runner: jobs_lib.Runner, groups: list[str]
+) -> None:
   """Runs `jobs` with at most one job per GPU group at a time."""
   slots = queue.Queue()
   for group in groups:
@@ -120,8 +161,12 @@ def _run_parallel(args, jobs, extra, runner: jobs_lib.Runner,
       log_path = os.path.join(args.log_dir, f"{job.name}.log")
       runner.comment(f"job {job.name} on GPUs {group}, log {log_path}")
       with open(log_path, "w") as log:
-        runner.run(job_command(args, job, extra, group), cwd=jobs_lib.REPO,
-                   stdout=log, stderr=subprocess.STDOUT)
+        runner.run(
+          job_command(args, job, extra, group),
+          cwd=jobs_lib.REPO,
+          stdout=log,
+          stderr=subprocess.STDOUT,
+        )
     finally:
       slots.put(group)
 
@@ -132,8 +177,9 @@ def _run_parallel(args, jobs, extra, runner: jobs_lib.Runner,
     raise RuntimeError(f"jobs {failed} failed; see {args.log_dir}/<job>.log")
 
 
-def main(args: argparse.Namespace, extra: list[str],
-         runner: jobs_lib.Runner) -> None:
+def main(
+  args: argparse.Namespace, extra: list[str], runner: jobs_lib.Runner
+) -> None:
   jobs_lib.anchor_paths(args)
   jobs = jobs_lib.jobs_from_args(args)
   runner.comment(f"in {jobs_lib.REPO}")
@@ -151,8 +197,10 @@ def main(args: argparse.Namespace, extra: list[str],
     return
   for i, job in enumerate(jobs):
     group = groups[i % len(groups)]
-    runner.comment(f"job {job.name} on GPUs {group} (up to {len(groups)} "
-                   f"at once), log {args.log_dir}/{job.name}.log")
+    runner.comment(
+      f"job {job.name} on GPUs {group} (up to {len(groups)} "
+      f"at once), log {args.log_dir}/{job.name}.log"
+    )
     runner.run(job_command(args, job, extra, group))
 
 

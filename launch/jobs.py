@@ -41,13 +41,15 @@ class Job:
     workdir: the run's `--workdir` (local path or gs://).
     overrides: `(key, value)` pairs passed as `--config.key=value`.
   """
+
   name: str
   config: str
   workdir: str
   overrides: tuple[tuple[str, str], ...] = ()
 
-  def main_args(self, *, distributed: bool = False,
-                extra: Sequence[str] = ()) -> list[str]:
+  def main_args(
+    self, *, distributed: bool = False, extra: Sequence[str] = ()
+  ) -> list[str]:
     """Arguments of `python -m affjax.main` for this job."""
     args = [f"--config={self.config}", f"--workdir={self.workdir}"]
     args += [f"--config.{k}={v}" for k, v in self.overrides]
@@ -80,20 +82,24 @@ def load_sweep(config_path: str) -> list[dict[str, Any]]:
   """
   path = config_path.partition(":")[0]
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file {path!r} not found (from "
-                            f"--config={config_path})")
+    raise FileNotFoundError(
+      f"config file {path!r} not found (from --config={config_path})"
+    )
   root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  for folder in (REPO, root):   # configs import `configs.common`
+  for folder in (REPO, root):  # configs import `configs.common`
     if folder not in sys.path:
       sys.path.insert(0, folder)
   spec = importlib.util.spec_from_file_location(
-      f"_affjax_launch_config_{abs(hash(path))}", path)
+    f"_affjax_launch_config_{abs(hash(path))}", path
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   sweep = getattr(module, "sweep", None)
   if sweep is None:
-    raise ValueError(f"config file {path!r} has no `sweep(add)` function; "
-                     "drop --sweep to launch one run")
+    raise ValueError(
+      f"config file {path!r} has no `sweep(add)` function; "
+      "drop --sweep to launch one run"
+    )
   runs = []
   sweep(lambda **kwargs: runs.append(kwargs))
   if not runs:
@@ -101,8 +107,9 @@ def load_sweep(config_path: str) -> list[dict[str, Any]]:
   return runs
 
 
-def make_jobs(config: str, workdir: str, *, sweep: bool = False,
-              only: Sequence[str] = ()) -> list[Job]:
+def make_jobs(
+  config: str, workdir: str, *, sweep: bool = False, only: Sequence[str] = ()
+) -> list[Job]:
   """The jobs of one launch: the sweep's runs, or the single given config.
 
   Args:
@@ -120,26 +127,39 @@ def make_jobs(config: str, workdir: str, *, sweep: bool = False,
   path, _, base_arg = config.partition(":")
   runs = load_sweep(config)
   # Names show only what differs between runs (not shared overrides).
-  varying = [k for k in dict.fromkeys(k for r in runs for k in r)
-             if len({repr(r.get(k)) for r in runs}) > 1]
+  varying = [
+    k
+    for k in dict.fromkeys(k for r in runs for k in r)
+    if len({repr(r.get(k)) for r in runs}) > 1
+  ]
   jobs, seen = [], set()
   for kwargs in runs:
     arg = ",".join(a for a in (base_arg, str(kwargs.get("arg", ""))) if a)
-    overrides = tuple((k, format_value(v)) for k, v in kwargs.items()
-                      if k != "arg")
-    name = "_".join(_name_part(k, kwargs[k]) for k in varying
-                    if k in kwargs) or "run"
+    overrides = tuple(
+      (k, format_value(v)) for k, v in kwargs.items() if k != "arg"
+    )
+    name = (
+      "_".join(_name_part(k, kwargs[k]) for k in varying if k in kwargs)
+      or "run"
+    )
     unique, n = name, 1
     while unique in seen:
       unique, n = f"{name}_{n}", n + 1
     seen.add(unique)
-    jobs.append(Job(unique, f"{path}:{arg}" if arg else path,
-                    f"{workdir.rstrip('/')}/{unique}", overrides))
+    jobs.append(
+      Job(
+        unique,
+        f"{path}:{arg}" if arg else path,
+        f"{workdir.rstrip('/')}/{unique}",
+        overrides,
+      )
+    )
   if only:
     unknown = sorted(set(only) - {j.name for j in jobs})
     if unknown:
-      raise ValueError(f"--only {unknown}: no such job; the sweep has "
-                       f"{[j.name for j in jobs]}")
+      raise ValueError(
+        f"--only {unknown}: no such job; the sweep has {[j.name for j in jobs]}"
+      )
     jobs = [j for j in jobs if j.name in only]
   return jobs
 
@@ -161,12 +181,13 @@ def split_extra(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   argv = list(argv)
   if "--" in argv:
     i = argv.index("--")
-    return argv[:i], argv[i + 1:]
+    return argv[:i], argv[i + 1 :]
   return argv, []
 
 
-def add_option(parser: argparse.ArgumentParser, name: str,
-               **kwargs: Any) -> None:
+def add_option(
+  parser: argparse.ArgumentParser, name: str, **kwargs: Any
+) -> None:
   """Adds `--some_name` with the alias `--some-name`."""
   flags = [f"--{name}"]
   if "_" in name:
@@ -174,19 +195,36 @@ def add_option(parser: argparse.ArgumentParser, name: str,
   parser.add_argument(*flags, dest=name, **kwargs)
 
 
-def add_common_options(parser: argparse.ArgumentParser, *,
-                       workdir_help: str) -> None:
+def add_common_options(
+  parser: argparse.ArgumentParser, *, workdir_help: str
+) -> None:
   """Options every launcher has: config, workdir, sweep, dry run."""
-  add_option(parser, "config", required=True,
-             help="config file and variant, e.g. configs/lfan.py:valence")
+  add_option(
+    parser,
+    "config",
+    required=True,
+    help="config file and variant, e.g. configs/lfan.py:valence",
+  )
   add_option(parser, "workdir", required=True, help=workdir_help)
-  add_option(parser, "sweep", action="store_true",
-             help="one job per run of the config file's sweep(add) (e.g. "
-             "6 folds x 2 emotions), each in <workdir>/<name>")
-  add_option(parser, "only", default="",
-             help="comma-separated job names to keep from the sweep")
-  add_option(parser, "dry_run", action="store_true",
-             help="print the commands instead of running them")
+  add_option(
+    parser,
+    "sweep",
+    action="store_true",
+    help="one job per run of the config file's sweep(add) (e.g. "
+    "6 folds x 2 emotions), each in <workdir>/<name>",
+  )
+  add_option(
+    parser,
+    "only",
+    default="",
+    help="comma-separated job names to keep from the sweep",
+  )
+  add_option(
+    parser,
+    "dry_run",
+    action="store_true",
+    help="print the commands instead of running them",
+  )
 
 
 def anchor_paths(args: argparse.Namespace, run_dir: str = REPO) -> None:
@@ -228,9 +266,12 @@ class Runner:
     return rc
 
 
-def run_main(main: Callable[[argparse.Namespace, list[str], Runner], None],
-             parser: argparse.ArgumentParser,
-             argv: Sequence[str] | None, out: TextIO | None) -> None:
+def run_main(
+  main: Callable[[argparse.Namespace, list[str], Runner], None],
+  parser: argparse.ArgumentParser,
+  argv: Sequence[str] | None,
+  out: TextIO | None,
+) -> None:
   """Parses `argv` (split at `--`) and calls the launcher's `main`."""
   own, extra = split_extra(sys.argv[1:] if argv is None else argv)
   args = parser.parse_args(own)

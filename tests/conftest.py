@@ -7,8 +7,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # affjax loads openSMILE's native library before any test imports TensorFlow
 # (see affjax/opensmile_preload.py): the whole suite runs in one process.
-import affjax  # noqa: E402,F401
-import jax  # noqa: E402
+import jax
+
+import affjax  # noqa: F401
 
 # Set before any computation so multi-device tests see 8 devices; this avoids
 # XLA_FLAGS, which TensorFlow's own XLA also parses.

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2 TF_ENABLE_ONEDNN_OPTS=0
 if [ "$#" -eq 0 ]; then set -- tests; fi
-exec python -m pytest -q "$@"
+exec python -m pytest -q --durations=15 "$@"

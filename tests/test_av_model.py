@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from affjax import convert
-from affjax.models import av_model
-from affjax.models import build_model
+from affjax.models import av_model, build_model
 from tests.torch_reference import iresnet as iresnet_ref
 from tests.torch_reference import lfan
 
 AUDIO = (("vggish", 128), ("mfcc", 39))
-TINY = dict(stage_channels=(16, 32, 64, 128), stage_units=(1, 1, 1, 1))
+TINY = {"stage_channels": (16, 32, 64, 128), "stage_units": (1, 1, 1, 1)}
 
 
 def _config(
@@ -27,18 +26,18 @@ def _config(
   audio_features=AUDIO,
 ):
   return ml_collections.ConfigDict(
-    dict(
-      name=name,
-      input=visual_input,
-      backbone=dict(name=backbone, dropout=0.4),
-      visual_channels=(128, 128, 128, 128),
-      audio_channels=(32, 32, 32, 32),
-      audio_features=audio_features,
-      kernel_size=5,
-      dropout=0.1,
-      fusion_dim=32,
-      num_outputs=num_outputs,
-    )
+    {
+      "name": name,
+      "input": visual_input,
+      "backbone": {"name": backbone, "dropout": 0.4},
+      "visual_channels": (128, 128, 128, 128),
+      "audio_channels": (32, 32, 32, 32),
+      "audio_features": audio_features,
+      "kernel_size": 5,
+      "dropout": 0.1,
+      "fusion_dim": 32,
+      "num_outputs": num_outputs,
+    }
   )
 
 

@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from clu import metrics as clu_metrics
 
-from affjax import clu_compat
-from affjax import metrics
+from affjax import clu_compat, metrics
 
 
 @flax.struct.dataclass
@@ -27,7 +26,8 @@ def test_std_and_ccc_inside_jitted_collection():
   @jax.jit
   def step(loss, pred, label, m):
     return _Metrics.single_from_model_output(
-        loss=loss, predictions=pred, labels=label, mask=m)
+      loss=loss, predictions=pred, labels=label, mask=m
+    )
 
   total = None
   for i in range(3):
@@ -36,11 +36,13 @@ def test_std_and_ccc_inside_jitted_collection():
   out = total.compute()
   np.testing.assert_allclose(out["loss_std"], losses.std(), rtol=1e-5)
   np.testing.assert_allclose(out["loss"], losses.mean(), rtol=1e-5)
-  np.testing.assert_allclose(out["ccc"], metrics.ccc(preds, labels, mask),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    out["ccc"], metrics.ccc(preds, labels, mask), rtol=1e-5
+  )
 
 
 def test_std_never_negative_variance():
-  std = clu_compat.Std(total=jnp.array(3.0), sum_of_squares=jnp.array(2.9999),
-                       count=jnp.array(3))
+  std = clu_compat.Std(
+    total=jnp.array(3.0), sum_of_squares=jnp.array(2.9999), count=jnp.array(3)
+  )
   assert float(std.compute()) == 0.0

@@ -13,25 +13,25 @@ from affjax.models import iresnet
 from tests.torch_reference import iresnet as iresnet_ref
 from tests.torch_reference import lfan
 
-TINY = dict(stage_channels=(16, 32, 64, 128), stage_units=(1, 1, 1, 1))
+TINY = {"stage_channels": (16, 32, 64, 128), "stage_units": (1, 1, 1, 1)}
 
 
 def _config(
   visual_input="embeddings", name="av_leader_follower", kernel_size=5
 ):
   return ml_collections.ConfigDict(
-    dict(
-      name=name,
-      input=visual_input,
-      backbone=dict(name="tiny", dropout=0.4),
-      visual_channels=(128, 128, 128, 128),
-      audio_channels=(32, 32, 32, 32),
-      audio_features=(("vggish", 128), ("mfcc", 39)),
-      kernel_size=kernel_size,
-      dropout=0.1,
-      fusion_dim=32,
-      num_outputs=2,
-    )
+    {
+      "name": name,
+      "input": visual_input,
+      "backbone": {"name": "tiny", "dropout": 0.4},
+      "visual_channels": (128, 128, 128, 128),
+      "audio_channels": (32, 32, 32, 32),
+      "audio_features": (("vggish", 128), ("mfcc", 39)),
+      "kernel_size": kernel_size,
+      "dropout": 0.1,
+      "fusion_dim": 32,
+      "num_outputs": 2,
+    }
   )
 
 

@@ -36,11 +36,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 GLOBAL_BATCH = 16
 STEPS = 6
-MAX_IN_FLIGHT = 4           # bounded dispatch: deps_notes.md section b
+MAX_IN_FLIGHT = 4  # bounded dispatch: deps_notes.md section b
 IN_DIM, HIDDEN, OUT_DIM = 5, 8, 3
 WORKER_TIMEOUT_S = 75
-REAL_EPOCHS = 2             # a few steps each on the test data
-REAL_TIMEOUT_S = 300        # compiling the real model on 2 busy cores
+REAL_EPOCHS = 2  # a few steps each on the test data
+REAL_TIMEOUT_S = 300  # compiling the real model on 2 busy cores
 
 
 # --------------------------------------------------------------------------
@@ -54,17 +54,31 @@ def test_single_process_without_settings():
 
 def test_explicit_flags():
   p = distributed.plan("10.0.0.1:8476", 4, 3, "0,1", environ={})
-  assert p == distributed.Plan("explicit", "--coordinator_address, "
-                               "--num_processes, --process_id",
-                               "10.0.0.1:8476", 4, 3, (0, 1))
+  assert p == distributed.Plan(
+    "explicit",
+    "--coordinator_address, --num_processes, --process_id",
+    "10.0.0.1:8476",
+    4,
+    3,
+    (0, 1),
+  )
 
 
 def test_environment_variables_and_flag_precedence():
-  env = {"AFFJAX_COORDINATOR": "head-node:1234", "AFFJAX_NUM_PROCESSES": "8",
-         "AFFJAX_PROCESS_ID": "5", "AFFJAX_LOCAL_DEVICE_IDS": "2"}
+  env = {
+    "AFFJAX_COORDINATOR": "head-node:1234",
+    "AFFJAX_NUM_PROCESSES": "8",
+    "AFFJAX_PROCESS_ID": "5",
+    "AFFJAX_LOCAL_DEVICE_IDS": "2",
+  }
   p = distributed.plan(environ=env)
-  assert (p.mode, p.coordinator_address, p.num_processes, p.process_id,
-          p.local_device_ids) == ("explicit", "head-node:1234", 8, 5, (2,))
+  assert (
+    p.mode,
+    p.coordinator_address,
+    p.num_processes,
+    p.process_id,
+    p.local_device_ids,
+  ) == ("explicit", "head-node:1234", 8, 5, (2,))
   p = distributed.plan(process_id=7, environ=env)
   assert p.process_id == 7 and "--process_id" in p.source
 
@@ -74,8 +88,9 @@ def test_one_process_is_single():
   assert (p.mode, p.num_processes, p.process_id) == ("single", 1, 0)
 
 
-@pytest.mark.parametrize("address", ["10.0.0.1", "host:0", "host:70000",
-                                     ":123", "a b:12", "host:port"])
+@pytest.mark.parametrize(
+  "address", ["10.0.0.1", "host:0", "host:70000", ":123", "a b:12", "host:port"]
+)
 def test_bad_address(address):
   with pytest.raises(ValueError, match="host:port"):
     distributed.plan(address, 2, 0, environ={})
@@ -85,17 +100,26 @@ def test_ipv6_address():
   assert distributed.check_address("[::1]:9000") == "[::1]:9000"
 
 
-@pytest.mark.parametrize("num,pid,match", [
-    (2, 2, r"process id in \[0, 2\)"), (2, -1, r"process id in \[0, 2\)"),
-    (0, 0, "at least 1"), ("two", 0, "integer")])
+@pytest.mark.parametrize(
+  "num,pid,match",
+  [
+    (2, 2, r"process id in \[0, 2\)"),
+    (2, -1, r"process id in \[0, 2\)"),
+    (0, 0, "at least 1"),
+    ("two", 0, "integer"),
+  ],
+)
 def test_bad_process_count_or_id(num, pid, match):
   with pytest.raises(ValueError, match=match):
     distributed.plan("h:1", num, pid, environ={})
 
 
 def test_env_process_id_out_of_range_names_variable():
-  env = {"AFFJAX_COORDINATOR": "h:1", "AFFJAX_NUM_PROCESSES": "2",
-         "AFFJAX_PROCESS_ID": "3"}
+  env = {
+    "AFFJAX_COORDINATOR": "h:1",
+    "AFFJAX_NUM_PROCESSES": "2",
+    "AFFJAX_PROCESS_ID": "3",
+  }
   with pytest.raises(ValueError, match="AFFJAX_PROCESS_ID='3'"):
     distributed.plan(environ=env)
 
@@ -103,15 +127,17 @@ def test_env_process_id_out_of_range_names_variable():
 def test_partial_settings_name_what_is_missing():
   with pytest.raises(ValueError, match="--process_id / AFFJAX_PROCESS_ID"):
     distributed.plan("h:1", 2, environ={})
-  with pytest.raises(ValueError, match="--coordinator_address / "
-                     "AFFJAX_COORDINATOR"):
-    distributed.plan(environ={"AFFJAX_NUM_PROCESSES": "2",
-                              "AFFJAX_PROCESS_ID": "0"})
+  with pytest.raises(
+    ValueError, match="--coordinator_address / AFFJAX_COORDINATOR"
+  ):
+    distributed.plan(
+      environ={"AFFJAX_NUM_PROCESSES": "2", "AFFJAX_PROCESS_ID": "0"}
+    )
 
 
 @pytest.mark.parametrize("ids", ["0,0", "-1", "a", ""])
 def test_bad_local_device_ids(ids):
-  if ids == "":   # empty means "not given", not an error
+  if ids == "":  # empty means "not given", not an error
     assert distributed.plan(local_device_ids=ids, environ={}).mode == "single"
     return
   with pytest.raises(ValueError, match="local_device_ids"):
@@ -119,17 +145,24 @@ def test_bad_local_device_ids(ids):
 
 
 def test_slurm_and_tpu_environments_are_auto_detected():
-  slurm = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "gpu[01-02]",
-           "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}
+  slurm = {
+    "SLURM_JOB_ID": "77",
+    "SLURM_STEP_NODELIST": "gpu[01-02]",
+    "SLURM_NTASKS": "2",
+    "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "0",
+  }
   p = distributed.plan(environ=slurm)
   assert p.mode == "auto" and "SLURM (2 tasks)" in p.source
   # A one-task allocation (e.g. the batch script itself) stays single.
   assert distributed.plan(environ={**slurm, "SLURM_NTASKS": "1"}).mode == (
-      "single")
+    "single"
+  )
   tpu = {"TPU_WORKER_HOSTNAMES": "w-0,w-1,w-2,w-3"}
   assert distributed.plan(environ=tpu).mode == "auto"
   assert distributed.plan(environ={"TPU_WORKER_HOSTNAMES": "w-0"}).mode == (
-      "single")
+    "single"
+  )
   assert distributed.plan(distributed=True, environ={}).mode == "auto"
 
 
@@ -146,10 +179,12 @@ def test_maybe_initialize_single_process_is_a_no_op():
 
 def _init_params() -> dict[str, np.ndarray]:
   rng = np.random.default_rng(0)
-  return {"w1": rng.normal(size=(IN_DIM, HIDDEN)).astype(np.float32) * 0.5,
-          "b1": np.zeros(HIDDEN, np.float32),
-          "w2": rng.normal(size=(HIDDEN, OUT_DIM)).astype(np.float32) * 0.5,
-          "b2": np.zeros(OUT_DIM, np.float32)}
+  return {
+    "w1": rng.normal(size=(IN_DIM, HIDDEN)).astype(np.float32) * 0.5,
+    "b1": np.zeros(HIDDEN, np.float32),
+    "w2": rng.normal(size=(HIDDEN, OUT_DIM)).astype(np.float32) * 0.5,
+    "b2": np.zeros(OUT_DIM, np.float32),
+  }
 
 
 def _global_batch_numpy(step: int) -> dict[str, np.ndarray]:
@@ -175,16 +210,21 @@ def _train(mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  step = jax.jit(step, in_shardings=(repl, repl, data),
-                 out_shardings=(repl, repl, repl), donate_argnums=(0, 1))
+  step = jax.jit(
+    step,
+    in_shardings=(repl, repl, data),
+    out_shardings=(repl, repl, repl),
+    donate_argnums=(0, 1),
+  )
   init = jax.jit(lambda p: (p, tx.init(p)), out_shardings=(repl, repl))
   params, opt_state = init(_init_params())
   in_flight = collections.deque()
   rows = sharding.local_rows(GLOBAL_BATCH)
   for i in range(STEPS):
     local = {k: v[rows] for k, v in _global_batch_numpy(i).items()}
-    params, opt_state, loss = step(params, opt_state,
-                                   sharding.global_batch(local, mesh))
+    params, opt_state, loss = step(
+      params, opt_state, sharding.global_batch(local, mesh)
+    )
     in_flight.append(loss)
     if len(in_flight) > MAX_IN_FLIGHT:
       in_flight.popleft().block_until_ready()
@@ -207,8 +247,9 @@ def _real_config(data_root: str):
   return config.lock()
 
 
-def _train_real(mesh, data_root: str, shards: list[int], num_shards: int
-                ) -> dict[str, np.ndarray]:
+def _train_real(
+  mesh, data_root: str, shards: list[int], num_shards: int
+) -> dict[str, np.ndarray]:
   """REAL_EPOCHS epochs of `affjax.train`'s jitted step on `mesh`.
 
   Each step's batch holds the rows that processes `shards` (of `num_shards`)
@@ -221,8 +262,9 @@ def _train_real(mesh, data_root: str, shards: list[int], num_shards: int
   from affjax.data import pipeline, prepare  # pylint: disable=g-import-not-at-top
 
   config = _real_config(data_root)
-  paths = prepare.DataPaths(config.data.raw_dir, config.data.cache_dir,
-                            config.data.tfds_dir)
+  paths = prepare.DataPaths(
+    config.data.raw_dir, config.data.cache_dir, config.data.tfds_dir
+  )
   setup = train_state.build_setup(config, mesh)
   init_key, loop_key = jax.random.split(jax.random.key(config.seed))
   state = train_state.init_state(setup, init_key)
@@ -230,18 +272,30 @@ def _train_real(mesh, data_root: str, shards: list[int], num_shards: int
   per_shard = config.train.batch_size // num_shards
   in_flight = collections.deque()
   for epoch in range(REAL_EPOCHS):
-    parts = [pipeline.train_batches(
-        config.data, paths, "train", batch_size=per_shard, epoch=epoch,
-        seed=config.seed, process_index=i, process_count=num_shards)
-             for i in shards]
+    parts = [
+      pipeline.train_batches(
+        config.data,
+        paths,
+        "train",
+        batch_size=per_shard,
+        epoch=epoch,
+        seed=config.seed,
+        process_index=i,
+        process_count=num_shards,
+      )
+      for i in shards
+    ]
     for rows in zip(*parts, strict=True):
       batch = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
       state, metrics = step(state, sharding.global_batch(batch, mesh))
       in_flight.append(metrics)
       if len(in_flight) > MAX_IN_FLIGHT:
         jax.block_until_ready(in_flight.popleft())
-  trees = {"params": state.params, "batch_stats": state.batch_stats,
-           "step": {"step": state.step}}
+  trees = {
+    "params": state.params,
+    "batch_stats": state.batch_stats,
+    "step": {"step": state.step},
+  }
   flat = traverse_util.flatten_dict(trees, sep="/")
   return {k: np.asarray(v.addressable_data(0)) for k, v in flat.items()}
 
@@ -253,20 +307,34 @@ def _worker(argv: list[str]) -> None:
   parser.add_argument("--num_processes", type=int, required=True)
   parser.add_argument("--port", type=int, required=True)
   parser.add_argument("--out", required=True)
-  parser.add_argument("--data_root", default="",
-                      help="train configs/test.py on this data (else the MLP)")
+  parser.add_argument(
+    "--data_root",
+    default="",
+    help="train configs/test.py on this data (else the MLP)",
+  )
   args = parser.parse_args(argv)
   jax.config.update("jax_num_cpu_devices", 4)
-  distributed.maybe_initialize(f"127.0.0.1:{args.port}", args.num_processes,
-                               args.process_id, initialization_timeout=60)
+  distributed.maybe_initialize(
+    f"127.0.0.1:{args.port}",
+    args.num_processes,
+    args.process_id,
+    initialization_timeout=60,
+  )
   mesh = sharding.make_mesh([("data", -1)])
   if args.data_root:
-    params = _train_real(mesh, args.data_root, [jax.process_index()],
-                         jax.process_count())
+    params = _train_real(
+      mesh, args.data_root, [jax.process_index()], jax.process_count()
+    )
   else:
     params = _train(mesh)
-  counts = np.array([jax.process_index(), jax.process_count(),
-                     jax.local_device_count(), jax.device_count()])
+  counts = np.array(
+    [
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+    ]
+  )
   tmp = f"{args.out}.tmp.npz"
   np.savez(tmp, counts=counts, **params)
   os.replace(tmp, args.out)
@@ -291,27 +359,43 @@ def _kill(procs) -> None:
     proc.wait()
 
 
-def run_processes(argvs: list[list[str]], logdir: str,
-                  timeout: float = WORKER_TIMEOUT_S,
-                  while_running: Callable[[], Any] | None = None) -> Any:
+def run_processes(
+  argvs: list[list[str]],
+  logdir: str,
+  timeout: float = WORKER_TIMEOUT_S,
+  while_running: Callable[[], Any] | None = None,
+) -> Any:
   """Runs one subprocess per argv; all are killed if any fails or hangs.
 
   `while_running()` (if given) is called once the processes have started,
   in this process, and its result returned.
   """
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
-         "PYTHONPATH": REPO}
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "PYTHONPATH": REPO,
+  }
   env.pop("XLA_FLAGS", None)
   with contextlib.ExitStack() as stack:
-    logs = [stack.enter_context(open(os.path.join(logdir, f"process_{i}.log"),
-                                     "w+")) for i in range(len(argvs))]
+    logs = [
+      stack.enter_context(open(os.path.join(logdir, f"process_{i}.log"), "w+"))
+      for i in range(len(argvs))
+    ]
     procs = []
-    stack.callback(_kill, procs)   # on any exit, even an interrupt
+    stack.callback(_kill, procs)  # on any exit, even an interrupt
     for argv, log in zip(argvs, logs, strict=True):
       # Own session: the whole group can be killed, leaving no orphans.
-      procs.append(subprocess.Popen(argv, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, cwd=REPO,
-                                    start_new_session=True))
+      procs.append(
+        subprocess.Popen(
+          argv,
+          env=env,
+          stdout=log,
+          stderr=subprocess.STDOUT,
+          cwd=REPO,
+          start_new_session=True,
+        )
+      )
     result = while_running() if while_running is not None else None
     # Stop at the first failure: the others would wait for it until timeout.
     deadline = time.monotonic() + timeout
@@ -329,13 +413,18 @@ def run_processes(argvs: list[list[str]], logdir: str,
         log.seek(0)
         text += f"\n--- process {i} (rc={procs[i].returncode}) ---\n"
         text += log.read()[-3000:]
-      pytest.fail(f"processes {failed} failed, {hung} hung (timeout "
-                  f"{timeout} s):{text}")
+      pytest.fail(
+        f"processes {failed} failed, {hung} hung (timeout {timeout} s):{text}"
+      )
   return result
 
 
-def _run_two_workers(tmp: str, *extra: str, timeout: float = WORKER_TIMEOUT_S,
-                     while_running: Callable[[], Any] | None = None):
+def _run_two_workers(
+  tmp: str,
+  *extra: str,
+  timeout: float = WORKER_TIMEOUT_S,
+  while_running: Callable[[], Any] | None = None,
+):
   """Runs 2 worker processes (4 CPU devices each).
 
   Returns:
@@ -344,10 +433,23 @@ def _run_two_workers(tmp: str, *extra: str, timeout: float = WORKER_TIMEOUT_S,
   port = _free_port()
   outs = [os.path.join(tmp, f"out_{i}.npz") for i in range(2)]
   local = run_processes(
-      [[sys.executable, os.path.abspath(__file__), "--worker",
-        f"--process_id={i}", "--num_processes=2", f"--port={port}",
-        f"--out={outs[i]}", *extra] for i in range(2)], tmp, timeout,
-      while_running)
+    [
+      [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        f"--process_id={i}",
+        "--num_processes=2",
+        f"--port={port}",
+        f"--out={outs[i]}",
+        *extra,
+      ]
+      for i in range(2)
+    ],
+    tmp,
+    timeout,
+    while_running,
+  )
   results = [dict(np.load(out)) for out in outs]
   for i, result in enumerate(results):
     np.testing.assert_array_equal(result.pop("counts"), [i, 2, 4, 8])
@@ -356,14 +458,16 @@ def _run_two_workers(tmp: str, *extra: str, timeout: float = WORKER_TIMEOUT_S,
 
 def test_two_processes_match_one_process_on_8_devices(tmp_path):
   results, single = _run_two_workers(
-      str(tmp_path), while_running=lambda: _train(
-          sharding.make_mesh([("data", -1)])))
+    str(tmp_path),
+    while_running=lambda: _train(sharding.make_mesh([("data", -1)])),
+  )
   initial = _init_params()
   for name, value in single.items():
-    assert not np.allclose(value, initial[name]), name   # it did train
+    assert not np.allclose(value, initial[name]), name  # it did train
     for result in results:
-      np.testing.assert_allclose(result[name], value, rtol=1e-5, atol=1e-6,
-                                 err_msg=name)
+      np.testing.assert_allclose(
+        result[name], value, rtol=1e-5, atol=1e-6, err_msg=name
+      )
 
 
 @pytest.fixture(scope="module")
@@ -383,15 +487,20 @@ def test_two_processes_match_one_process_real_config(test_data, tmp_path):
   single-process run; the reference trains here while the workers run.
   """
   results, single = _run_two_workers(
-      str(tmp_path), f"--data_root={test_data}", timeout=REAL_TIMEOUT_S,
-      while_running=lambda: _train_real(sharding.make_mesh([("data", -1)]),
-                                        test_data, [0, 1], 2))
-  assert int(single["step/step"]) >= REAL_EPOCHS   # compared below too
+    str(tmp_path),
+    f"--data_root={test_data}",
+    timeout=REAL_TIMEOUT_S,
+    while_running=lambda: _train_real(
+      sharding.make_mesh([("data", -1)]), test_data, [0, 1], 2
+    ),
+  )
+  assert int(single["step/step"]) >= REAL_EPOCHS  # compared below too
   for result in results:
     assert sorted(result) == sorted(single)
     for name, value in single.items():
-      np.testing.assert_allclose(result[name], value, rtol=1e-4, atol=1e-5,
-                                 err_msg=name)
+      np.testing.assert_allclose(
+        result[name], value, rtol=1e-4, atol=1e-5, err_msg=name
+      )
 
 
 if __name__ == "__main__":

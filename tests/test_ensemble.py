@@ -24,8 +24,9 @@ def _centering_loop(data):
   ccc = {}
   for i, j in itertools.combinations(range(n), 2):
     ccc[i, j] = ccc[j, i] = _pair_ccc(data[i], data[j])
-  agreement = np.array([np.mean([ccc[i, j] for j in range(n) if j != i])
-                        for i in range(n)])
+  agreement = np.array(
+    [np.mean([ccc[i, j] for j in range(n) if j != i]) for i in range(n)]
+  )
   means = np.array([np.mean(row) for row in data])
   weight = np.sum(means * agreement / np.sum(agreement))
   centered = np.stack([data[i] - means[i] + weight for i in range(n)])
@@ -64,8 +65,9 @@ def test_hand_case_equal_agreement_is_plain_mean():
   # Two folds: agreement is the same for both, so the weight is the mean of
   # the two temporal means and the result is the plain average.
   data = np.stack([base + 0.2, 2 * base - 0.1])
-  np.testing.assert_allclose(ensemble.ccc_centering(data), data.mean(0),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    ensemble.ccc_centering(data), data.mean(0), atol=1e-6
+  )
 
 
 def test_agreement_weights_the_offset():
@@ -79,15 +81,17 @@ def test_agreement_weights_the_offset():
   np.testing.assert_allclose(merged, want, atol=1e-5)
   # The merged level is the agreement-weighted mean of the fold means.
   agreeing_level = good.mean() + 0.31
-  assert (abs(merged.mean() - agreeing_level)
-          < 0.5 * abs(data.mean() - agreeing_level))
+  assert abs(merged.mean() - agreeing_level) < 0.5 * abs(
+    data.mean() - agreeing_level
+  )
 
 
 def test_single_fold_passthrough_and_clip():
   x = np.array([[1.5, -0.2, -3.0, 0.4]], np.float32)
   np.testing.assert_array_equal(ensemble.ccc_centering(x), x[0])
-  np.testing.assert_allclose(ensemble.merge_folds(x),
-                             [1.0, -0.2, -1.0, 0.4], rtol=1e-7)
+  np.testing.assert_allclose(
+    ensemble.merge_folds(x), [1.0, -0.2, -1.0, 0.4], rtol=1e-7
+  )
 
 
 def test_merge_folds_multi_emotion_and_clip():
@@ -97,8 +101,8 @@ def test_merge_folds_multi_emotion_and_clip():
   assert merged.shape == (120, 2)
   for c in range(2):
     np.testing.assert_allclose(
-        merged[:, c], np.clip(_centering_loop(data[..., c]), -1, 1),
-        atol=1e-9)
+      merged[:, c], np.clip(_centering_loop(data[..., c]), -1, 1), atol=1e-9
+    )
   assert merged.max() <= 1 and merged.min() >= -1
   assert np.any(np.abs(_centering_loop(data[..., 1])) > 1)
 
@@ -108,11 +112,11 @@ def test_constant_folds_do_not_give_nan():
   # which must not vanish in float32), so all agreements are 0 and the
   # reference's weight would be 0/0; we fall back to the plain mean level.
   data = np.full((3, 10), 0.25, np.float32)
-  np.testing.assert_allclose(ensemble.ccc_centering(data), data[0],
-                             rtol=1e-6)
+  np.testing.assert_allclose(ensemble.ccc_centering(data), data[0], rtol=1e-6)
   data = np.stack([np.full(10, 0.1), np.full(10, 0.3)]).astype(np.float32)
-  np.testing.assert_allclose(ensemble.ccc_centering(data), np.full(10, 0.2),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    ensemble.ccc_centering(data), np.full(10, 0.2), rtol=1e-6
+  )
 
 
 def test_bad_shape():

@@ -76,7 +76,7 @@ def _batches(split, batch_size=3):
   while len(rows) % batch_size:
     rows.append((-1, np.full(WINDOW, -1)))
   for b in range(0, len(rows), batch_size):
-    chunk = rows[b:b + batch_size]
+    chunk = rows[b : b + batch_size]
     trial = np.array([r[0] for r in chunk], np.int32)
     frame_index = np.stack([r[1] for r in chunk]).astype(np.int32)
     label = np.zeros((len(chunk), WINDOW, 2), np.float32)
@@ -89,6 +89,7 @@ def _batches(split, batch_size=3):
 
 def _label_model(shift=(0.0, 0.0), noise_seed=None):
   """Fake predict_fn: the window's label (+ shift), fixed per frame."""
+
   def predict(batch):
     out = batch["label"] + np.asarray(shift, np.float32)
     if noise_seed is not None:
@@ -97,6 +98,7 @@ def _label_model(shift=(0.0, 0.0), noise_seed=None):
       key = batch["trial"][:, None] * 1000 + batch["frame_index"]
       out = out + 0.1 * np.sin(key * 1.7 + noise_seed)[..., None]
     return out
+
   return predict
 
 
@@ -108,21 +110,24 @@ def _concat_valid(split, stitched, c):
 
 def test_perfect_model_scores_one_and_writes_files(tmp_path):
   split = _split()
-  res = evaluate.evaluate_windows(_label_model(), _batches(split), split,
-                                  EMOTIONS, out_dir=str(tmp_path))
+  res = evaluate.evaluate_windows(
+    _label_model(), _batches(split), split, EMOTIONS, out_dir=str(tmp_path)
+  )
   for e in EMOTIONS:
     assert res["overall"][e]["ccc"] == pytest.approx(1.0, abs=1e-6)
     assert res["overall"][e]["pcc"] == pytest.approx(1.0, abs=1e-6)
     assert res["overall"][e]["rmse"] == pytest.approx(0.0, abs=1e-6)
     assert res["overall"][e]["num_frames"] == sum(
-        int(m.sum()) for m in split.label_masks)
+      int(m.sum()) for m in split.label_masks
+    )
   assert res["ccc_mean"] == pytest.approx(1.0, abs=1e-6)
   on_disk = json.loads((tmp_path / "results.json").read_text())
   assert on_disk["overall"]["arousal"]["ccc"] == pytest.approx(1.0, abs=1e-6)
   assert sorted(on_disk["trials"]) == split.trial_names
   for i, name in enumerate(split.trial_names):
     names, data = evaluate.read_prediction_file(
-        str(tmp_path / "predictions" / f"{name}.txt"))
+      str(tmp_path / "predictions" / f"{name}.txt")
+    )
     assert names == list(EMOTIONS)
     assert data.shape == (split.trial_lengths[i], 2)
     # Invalid frames carry the -5 label the fake model copies.
@@ -135,15 +140,16 @@ def test_perfect_model_scores_one_and_writes_files(tmp_path):
 def test_constant_shift_gives_known_partition_ccc():
   split = _split(seed=1)
   shift = (0.3, -0.2)
-  res = evaluate.evaluate_windows(_label_model(shift), _batches(split), split,
-                                  EMOTIONS)
+  res = evaluate.evaluate_windows(
+    _label_model(shift), _batches(split), split, EMOTIONS
+  )
   for c, e in enumerate(EMOTIONS):
-    t = np.concatenate([l[m, c] for l, m in
-                        zip(split.labels, split.label_masks)]).astype(float)
+    t = np.concatenate(
+      [l[m, c] for l, m in zip(split.labels, split.label_masks)]
+    ).astype(float)
     want = 2 * t.var() / (2 * t.var() + shift[c] ** 2)
     assert res["overall"][e]["ccc"] == pytest.approx(want, rel=1e-5)
-    assert res["overall"][e]["rmse"] == pytest.approx(abs(shift[c]),
-                                                      rel=1e-5)
+    assert res["overall"][e]["rmse"] == pytest.approx(abs(shift[c]), rel=1e-5)
 
 
 def test_partition_level_is_concatenation_not_trial_average():
@@ -162,8 +168,9 @@ def test_partition_level_is_concatenation_not_trial_average():
     cov = np.mean((p - p.mean()) * (t - t.mean()))
     want = 2 * cov / (p.var() + t.var() + (p.mean() - t.mean()) ** 2)
     assert res["overall"][e]["ccc"] == pytest.approx(want, rel=1e-9)
-    np.testing.assert_allclose(res["overall"][e]["pcc"],
-                               np.corrcoef(p, t)[0, 1], rtol=1e-9)
+    np.testing.assert_allclose(
+      res["overall"][e]["pcc"], np.corrcoef(p, t)[0, 1], rtol=1e-9
+    )
     per_trial = [res["trials"][n][e]["ccc"] for n in split.trial_names]
     assert abs(np.mean(per_trial) - want) > 1e-3
     # Per-trial values are each trial's own CCC.
@@ -171,18 +178,19 @@ def test_partition_level_is_concatenation_not_trial_average():
     p1, t1 = stitched[1][m, c], split.labels[1][m, c].astype(float)
     cov1 = np.mean((p1 - p1.mean()) * (t1 - t1.mean()))
     want1 = 2 * cov1 / (p1.var() + t1.var() + (p1.mean() - t1.mean()) ** 2)
-    assert res["trials"]["trial1"][e]["ccc"] == pytest.approx(want1,
-                                                              rel=1e-6)
+    assert res["trials"]["trial1"][e]["ccc"] == pytest.approx(want1, rel=1e-6)
 
 
 def test_overlapping_windows_are_averaged():
   split = _split(lengths=(20,), seed=4)
+
   # Window outputs equal to the window's row number: frames 8..11 are
   # covered by windows 0 and 1, so they get 0.5; the last window (start 8)
   # makes frames 12..19 equal 1.
   def predict(batch):
     rows = np.arange(batch["trial"].shape[0], dtype=np.float32)
     return np.broadcast_to(rows[:, None, None], batch["label"].shape).copy()
+
   windows = evaluate.collect_windows(predict, _batches(split, batch_size=4))
   stitched = evaluate.stitch_trials(windows, split)[0]
   np.testing.assert_allclose(stitched[:8, 0], 0.0)
@@ -205,16 +213,22 @@ def test_missing_windows_name_the_trial():
 def test_output_channel_mismatch():
   split = _split()
   with pytest.raises(ValueError, match="outputs"):
-    evaluate.evaluate_windows(_label_model(), _batches(split), split,
-                              ("valence",))
+    evaluate.evaluate_windows(
+      _label_model(), _batches(split), split, ("valence",)
+    )
 
 
 def test_nan_metrics_are_null_in_json(tmp_path):
   split = _split(lengths=(14,))
   split.label_masks[0][:] = False
-  res = evaluate.evaluate_windows(_label_model(), _batches(split), split,
-                                  EMOTIONS, out_dir=str(tmp_path),
-                                  plots=False)
+  res = evaluate.evaluate_windows(
+    _label_model(),
+    _batches(split),
+    split,
+    EMOTIONS,
+    out_dir=str(tmp_path),
+    plots=False,
+  )
   assert np.isnan(res["overall"]["valence"]["ccc"])
   on_disk = json.loads((tmp_path / "results.json").read_text())
   assert on_disk["overall"]["valence"]["ccc"] is None

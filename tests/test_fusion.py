@@ -17,18 +17,18 @@ def _rel_err(a, b):
 
 def _config(audio_features, num_outputs):
   return ml_collections.ConfigDict(
-    dict(
-      name="av_leader_follower",
-      input="embeddings",
-      backbone=dict(name="ir50", dropout=0.4),
-      visual_channels=(128, 128, 128, 128),
-      audio_channels=(32, 32, 32, 32),
-      audio_features=audio_features,
-      kernel_size=5,
-      dropout=0.1,
-      fusion_dim=32,
-      num_outputs=num_outputs,
-    )
+    {
+      "name": "av_leader_follower",
+      "input": "embeddings",
+      "backbone": {"name": "ir50", "dropout": 0.4},
+      "visual_channels": (128, 128, 128, 128),
+      "audio_channels": (32, 32, 32, 32),
+      "audio_features": audio_features,
+      "kernel_size": 5,
+      "dropout": 0.1,
+      "fusion_dim": 32,
+      "num_outputs": num_outputs,
+    }
   )
 
 

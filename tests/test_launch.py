@@ -86,7 +86,7 @@ def main_args(tokens) -> list[str]:
   """The arguments following `-m affjax.main` in a token list."""
   i = tokens.index("affjax.main")
   assert tokens[i - 1] == "-m"
-  return tokens[i + 1:]
+  return tokens[i + 1 :]
 
 
 def flag(tokens, name) -> str:
@@ -108,7 +108,7 @@ def check_tiny_jobs(runs, config, workdir, *, distributed, extra=()):
     assert flag(args, "--config.optim.learning_rate") == "0.0001"
     assert flag(args, "--workdir") == f"{workdir}/{arg}_fold{fold}"
     assert ("--distributed" in args) == distributed
-    assert args[len(args) - len(extra):] == list(extra)
+    assert args[len(args) - len(extra) :] == list(extra)
     seen.add((fold, arg))
   assert len(runs) == len(seen) and seen == EXPECTED_TINY
 
@@ -121,8 +121,10 @@ def test_jobs_from_tiny_sweep(tiny_config):
   jobs = jobs_lib.make_jobs(tiny_config + ":base", "wd", sweep=True)
   assert [j.name for j in jobs][:2] == ["valence_fold0", "arousal_fold0"]
   assert jobs[1].config == tiny_config + ":base,arousal"
-  assert jobs[1].overrides == (("data.fold", "0"),
-                               ("optim.learning_rate", "0.0001"))
+  assert jobs[1].overrides == (
+    ("data.fold", "0"),
+    ("optim.learning_rate", "0.0001"),
+  )
   assert jobs[1].workdir == "wd/" + jobs[1].name
   single = jobs_lib.make_jobs(tiny_config, "runs/one/")
   assert single == [jobs_lib.Job("one", tiny_config, "runs/one/")]
@@ -134,14 +136,16 @@ def test_jobs_from_lfan_sweep():
   pairs = {(j.config.split(":")[1], j.workdir) for j in jobs}
   assert ("arousal,fold=5", "gs://b/lfan/arousal_fold5") in pairs
   assert {j.config for j in jobs} == {
-      f"configs/lfan.py:{e},fold={f}" for f in range(6)
-      for e in ("valence", "arousal")}
+    f"configs/lfan.py:{e},fold={f}"
+    for f in range(6)
+    for e in ("valence", "arousal")
+  }
 
 
 def test_job_selection_and_errors(tiny_config, tmp_path):
   names = ["valence_fold2", "arousal_fold1"]
   jobs = jobs_lib.make_jobs(tiny_config, "wd", sweep=True, only=names)
-  assert [j.name for j in jobs] == names[::-1]   # sweep order
+  assert [j.name for j in jobs] == names[::-1]  # sweep order
   with pytest.raises(ValueError, match="no such job"):
     jobs_lib.make_jobs(tiny_config, "wd", sweep=True, only=["nope"])
   no_sweep = tmp_path / "plain.py"
@@ -161,9 +165,14 @@ def test_format_value_round_trips_through_config_flags():
 # --------------------------------------------------------------------------
 # Cloud TPU VM.
 
-TPU_ARGS = ["--name=affjax-pod", "--zone=us-central2-b",
-            "--accelerator_type=v4-32", "--bucket=gs://bkt", "--sweep",
-            "--workdir=exp"]
+TPU_ARGS = [
+  "--name=affjax-pod",
+  "--zone=us-central2-b",
+  "--accelerator_type=v4-32",
+  "--bucket=gs://bkt",
+  "--sweep",
+  "--workdir=exp",
+]
 
 
 def _ssh_command(tokens) -> str:
@@ -174,12 +183,19 @@ def _ssh_command(tokens) -> str:
 
 def test_tpu_dry_run_sweep(tiny_config):
   extra = ["--config.data.raw_dir=/mnt/data", "--mode=train"]
-  lines = dry_run(tpu_vm.cli, TPU_ARGS + [f"--config={tiny_config}", "--",
-                                         *extra])
+  lines = dry_run(
+    tpu_vm.cli, TPU_ARGS + [f"--config={tiny_config}", "--", *extra]
+  )
   cmds = commands(lines)
   create, tar, scp, install, *runs = cmds[:-8]
-  assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create",
-                        "affjax-pod"]
+  assert create[:6] == [
+    "gcloud",
+    "compute",
+    "tpus",
+    "tpu-vm",
+    "create",
+    "affjax-pod",
+  ]
   assert flag(create, "--accelerator-type") == "v4-32"
   assert flag(create, "--zone") == "us-central2-b"
   assert tar[:2] == ["tar", "-czf"] and tar[-1] == "."
@@ -193,51 +209,76 @@ def test_tpu_dry_run_sweep(tiny_config):
     inner = shlex.split(_ssh_command(tokens))
     assert inner[:4] == ["cd", "$HOME/affjax", "&&", "TF_CPP_MIN_LOG_LEVEL=2"]
     runs_args.append(main_args(inner))
-  check_tiny_jobs(runs_args, tiny_config, "gs://bkt/exp", distributed=True,
-                  extra=extra)
+  check_tiny_jobs(
+    runs_args, tiny_config, "gs://bkt/exp", distributed=True, extra=extra
+  )
   mkdir, *fetches, delete = cmds[-8:]
   assert mkdir == ["mkdir", "-p", "workdirs/tpu_results"]
   assert sorted(f[4] for f in fetches) == sorted(
-      flag(a, "--workdir") for a in runs_args)
+    flag(a, "--workdir") for a in runs_args
+  )
   assert all(f[:4] == ["gcloud", "storage", "cp", "-r"] for f in fetches)
   assert delete[4:6] == ["delete", "affjax-pod"] and "--quiet" in delete
 
 
 def test_tpu_dry_run_single_host_local_workdir_and_no_delete():
-  lines = dry_run(tpu_vm.cli, [
-      "--name=v4", "--zone=z", "--accelerator_type=v4-8",
-      "--config=configs/lfan.py:arousal", "--workdir=/home/me/run1",
-      "--steps=run,fetch", "--project=proj", "--keep"])
+  lines = dry_run(
+    tpu_vm.cli,
+    [
+      "--name=v4",
+      "--zone=z",
+      "--accelerator_type=v4-8",
+      "--config=configs/lfan.py:arousal",
+      "--workdir=/home/me/run1",
+      "--steps=run,fetch",
+      "--project=proj",
+      "--keep",
+    ],
+  )
   run, _, fetch = commands(lines)
   assert "--project=proj" in run
   args = main_args(shlex.split(flag(run, "--command")))
-  assert args == ["--config=configs/lfan.py:arousal",
-                  "--workdir=/home/me/run1", "--distributed"]
+  assert args == [
+    "--config=configs/lfan.py:arousal",
+    "--workdir=/home/me/run1",
+    "--distributed",
+  ]
   assert fetch[4:6] == ["scp", "v4:/home/me/run1"]
   assert "--worker=0" in fetch and "--recurse" in fetch
 
 
 def test_tpu_dry_run_parallel_one_vm_per_job(tiny_config):
-  lines = dry_run(tpu_vm.cli, TPU_ARGS + [f"--config={tiny_config}",
-                                         "--parallel", "--spot"])
+  lines = dry_run(
+    tpu_vm.cli, TPU_ARGS + [f"--config={tiny_config}", "--parallel", "--spot"]
+  )
   cmds = commands(lines)
   created = [c[5] for c in cmds if c[4:5] == ["create"]]
   deleted = [c[5] for c in cmds if c[4:5] == ["delete"]]
   assert created == deleted == [f"affjax-pod-{i}" for i in range(6)]
   assert all("--spot" in c for c in cmds if c[4:5] == ["create"])
-  runs = [main_args(shlex.split(_ssh_command(c))) for c in cmds
-          if c[4:5] == ["ssh"] and "affjax.main" in _ssh_command(c)]
+  runs = [
+    main_args(shlex.split(_ssh_command(c)))
+    for c in cmds
+    if c[4:5] == ["ssh"] and "affjax.main" in _ssh_command(c)
+  ]
   check_tiny_jobs(runs, tiny_config, "gs://bkt/exp", distributed=True)
 
 
-@pytest.mark.parametrize("argv,match", [
+@pytest.mark.parametrize(
+  "argv,match",
+  [
     (["--workdir=relative"], "absolute path"),
     (["--workdir=x", "--bucket=bkt"], "gs://<bucket>"),
     (["--workdir=gs://b/x", "--steps=run,launch"], "unknown"),
-])
+  ],
+)
 def test_tpu_bad_arguments(argv, match):
-  base = ["--name=n", "--zone=z", "--accelerator_type=v4-8",
-          "--config=configs/lfan.py"]
+  base = [
+    "--name=n",
+    "--zone=z",
+    "--accelerator_type=v4-8",
+    "--config=configs/lfan.py",
+  ]
   with pytest.raises(ValueError, match=match):
     dry_run(tpu_vm.cli, base + argv)
 
@@ -247,9 +288,18 @@ def test_tpu_bad_arguments(argv, match):
 
 
 def test_gpu_dry_run_install_and_sequential(tiny_config):
-  lines = dry_run(gpu_host.cli, [
-      f"--config={tiny_config}", "--workdir=/runs/exp", "--sweep",
-      "--install", "--venv=/opt/venv", "--", "--config.seed=3"])
+  lines = dry_run(
+    gpu_host.cli,
+    [
+      f"--config={tiny_config}",
+      "--workdir=/runs/exp",
+      "--sweep",
+      "--install",
+      "--venv=/opt/venv",
+      "--",
+      "--config.seed=3",
+    ],
+  )
   venv, pip_up, install, *runs = commands(lines)
   assert venv == ["python3", "-m", "venv", "/opt/venv"]
   assert pip_up[:2] == ["/opt/venv/bin/pip", "install"]
@@ -259,27 +309,48 @@ def test_gpu_dry_run_install_and_sequential(tiny_config):
     assert tokens[:2] == ["env", "TF_CPP_MIN_LOG_LEVEL=2"]
     assert not any(t.startswith("CUDA_VISIBLE_DEVICES") for t in tokens)
     assert tokens[2] == "/opt/venv/bin/python"
-  check_tiny_jobs([main_args(t) for t in runs], tiny_config, "/runs/exp",
-                  distributed=False, extra=["--config.seed=3"])
+  check_tiny_jobs(
+    [main_args(t) for t in runs],
+    tiny_config,
+    "/runs/exp",
+    distributed=False,
+    extra=["--config.seed=3"],
+  )
 
 
 def test_gpu_dry_run_gpu_groups(tiny_config):
-  lines = dry_run(gpu_host.cli, [
-      f"--config={tiny_config}", "--workdir=/runs/exp", "--sweep",
-      "--gpus-per-job=2", "--num-gpus=4"])
+  lines = dry_run(
+    gpu_host.cli,
+    [
+      f"--config={tiny_config}",
+      "--workdir=/runs/exp",
+      "--sweep",
+      "--gpus-per-job=2",
+      "--num-gpus=4",
+    ],
+  )
   runs = commands(lines)
   assert [flag(t, "CUDA_VISIBLE_DEVICES") for t in runs] == ["0,1", "2,3"] * 3
-  check_tiny_jobs([main_args(t) for t in runs], tiny_config, "/runs/exp",
-                  distributed=False)
+  check_tiny_jobs(
+    [main_args(t) for t in runs], tiny_config, "/runs/exp", distributed=False
+  )
   with pytest.raises(ValueError, match="divisor"):
-    dry_run(gpu_host.cli, [f"--config={tiny_config}", "--workdir=w",
-                           "--gpus_per_job=3", "--num_gpus=4"])
+    dry_run(
+      gpu_host.cli,
+      [
+        f"--config={tiny_config}",
+        "--workdir=w",
+        "--gpus_per_job=3",
+        "--num_gpus=4",
+      ],
+    )
 
 
 def _fake_python(path, record_dir):
   """An executable that records its argv and env into record_dir; it fails
   if another one runs on the same CUDA_VISIBLE_DEVICES at the same time."""
-  path.write_text(textwrap.dedent(f"""\
+  path.write_text(
+    textwrap.dedent(f"""\
       #!/bin/bash
       out={shlex.quote(str(record_dir))}/$$.txt
       if [[ -n "${{CUDA_VISIBLE_DEVICES:-}}" ]]; then
@@ -290,7 +361,8 @@ def _fake_python(path, record_dir):
       fi
       {{ echo "ARGS $*"; env | grep -E '^(AFFJAX_|CUDA_VISIBLE|SLURM_)' | sort
       }} > "$out.tmp" && mv "$out.tmp" "$out"
-      """))
+      """)
+  )
   path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
@@ -300,23 +372,35 @@ def _records(record_dir):
     with open(record_dir / name) as f:
       lines = f.read().splitlines()
     env = dict(line.split("=", 1) for line in lines[1:])
-    out.append((shlex.split(lines[0][len("ARGS "):]), env))
+    out.append((shlex.split(lines[0][len("ARGS ") :]), env))
   return out
 
 
-def test_gpu_runs_jobs_in_parallel_slots(tiny_config, tmp_path,
-                                        allow_commands):
+def test_gpu_runs_jobs_in_parallel_slots(tiny_config, tmp_path, allow_commands):
   venv, record = tmp_path / "venv", tmp_path / "record"
   (venv / "bin").mkdir(parents=True)
   record.mkdir()
   _fake_python(venv / "bin" / "python", record)
   out = io.StringIO()
-  gpu_host.cli([f"--config={tiny_config}", f"--workdir={tmp_path}/wd",
-                "--sweep", f"--venv={venv}", "--gpus_per_job=1",
-                "--num_gpus=2", f"--log_dir={tmp_path}/logs"], out=out)
+  gpu_host.cli(
+    [
+      f"--config={tiny_config}",
+      f"--workdir={tmp_path}/wd",
+      "--sweep",
+      f"--venv={venv}",
+      "--gpus_per_job=1",
+      "--num_gpus=2",
+      f"--log_dir={tmp_path}/logs",
+    ],
+    out=out,
+  )
   runs = _records(record)
-  check_tiny_jobs([a[a.index("affjax.main") + 1:] for a, _ in runs],
-                  tiny_config, f"{tmp_path}/wd", distributed=False)
+  check_tiny_jobs(
+    [a[a.index("affjax.main") + 1 :] for a, _ in runs],
+    tiny_config,
+    f"{tmp_path}/wd",
+    distributed=False,
+  )
   # Both GPUs used, never two jobs on one (the stand-in would exit 7).
   assert {env["CUDA_VISIBLE_DEVICES"] for _, env in runs} == {"0", "1"}
   assert len(os.listdir(tmp_path / "logs")) == 6
@@ -339,25 +423,47 @@ def _job_lines(script):
 
 
 def test_slurm_dry_run_script(tiny_config, tmp_path):
-  lines = dry_run(slurm.cli, [
-      f"--config={tiny_config}", "--workdir=/shared/exp", "--sweep",
-      "--nodes=2", "--gpus_per_node=4", "--partition=gpu", "--account=acc",
-      f"--log_dir={tmp_path}/logs", "--venv=/shared/venv", "--",
-      "--config.data.raw_dir=/shared/data"])
+  lines = dry_run(
+    slurm.cli,
+    [
+      f"--config={tiny_config}",
+      "--workdir=/shared/exp",
+      "--sweep",
+      "--nodes=2",
+      "--gpus_per_node=4",
+      "--partition=gpu",
+      "--account=acc",
+      f"--log_dir={tmp_path}/logs",
+      "--venv=/shared/venv",
+      "--",
+      "--config.data.raw_dir=/shared/data",
+    ],
+  )
   assert commands(lines) == [["sbatch", f"{tmp_path}/logs/affjax.sbatch"]]
   script = _script(lines)
-  for expected in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4",
-                   "#SBATCH --gpus-per-node=4", "#SBATCH --array=0-5",
-                   "#SBATCH --partition=gpu", "#SBATCH --account=acc",
-                   "export AFFJAX_NUM_PROCESSES=8"):
+  for expected in (
+    "#SBATCH --nodes=2",
+    "#SBATCH --ntasks-per-node=4",
+    "#SBATCH --gpus-per-node=4",
+    "#SBATCH --array=0-5",
+    "#SBATCH --partition=gpu",
+    "#SBATCH --account=acc",
+    "export AFFJAX_NUM_PROCESSES=8",
+  ):
     assert expected in script.splitlines()
-  check_tiny_jobs(_job_lines(script), tiny_config, "/shared/exp",
-                  distributed=True, extra=["--config.data.raw_dir=/shared/data"])
+  check_tiny_jobs(
+    _job_lines(script),
+    tiny_config,
+    "/shared/exp",
+    distributed=True,
+    extra=["--config.data.raw_dir=/shared/data"],
+  )
   srun = [line for line in script.splitlines() if line.startswith("srun")]
   assert len(srun) == 1 and "/shared/venv/bin/python" in shlex.split(srun[0])
   if shutil.which("bash"):
-    check = subprocess.run(["bash", "-n"], input=script, text=True,
-                           capture_output=True, check=False)
+    check = subprocess.run(
+      ["bash", "-n"], input=script, text=True, capture_output=True, check=False
+    )
     assert check.returncode == 0, check.stderr
 
 
@@ -367,13 +473,15 @@ def _fake_slurm_bin(bin_dir, ntasks, tasks_per_node):
   scontrol.write_text("#!/bin/bash\necho node-a\necho node-b\n")
   srun = bin_dir / "srun"
   # Starts the command once per task with the variables srun sets.
-  srun.write_text(textwrap.dedent(f"""\
+  srun.write_text(
+    textwrap.dedent(f"""\
       #!/bin/bash
       while [[ "$1" == --* ]]; do shift; done
       for ((i = 0; i < {ntasks}; i++)); do
         SLURM_PROCID=$i SLURM_LOCALID=$((i % {tasks_per_node})) "$@" || exit 1
       done
-      """))
+      """)
+  )
   for f in (scontrol, srun):
     f.chmod(f.stat().st_mode | stat.S_IEXEC)
 
@@ -387,19 +495,38 @@ def test_slurm_script_runs_with_stand_ins(tiny_config, tmp_path, process_per):
   record.mkdir()
   _fake_python(venv / "bin" / "python", record)
   script_path = tmp_path / "job.sbatch"
-  lines = dry_run(slurm.cli, [
-      f"--config={tiny_config}", "--workdir=/shared/exp", "--sweep",
-      "--nodes=2", "--gpus_per_node=2", f"--process_per={process_per}",
-      f"--venv={venv}", f"--script={script_path}", f"--repo_dir={tmp_path}"])
+  lines = dry_run(
+    slurm.cli,
+    [
+      f"--config={tiny_config}",
+      "--workdir=/shared/exp",
+      "--sweep",
+      "--nodes=2",
+      "--gpus_per_node=2",
+      f"--process_per={process_per}",
+      f"--venv={venv}",
+      f"--script={script_path}",
+      f"--repo_dir={tmp_path}",
+    ],
+  )
   script_path.write_text(_script(lines))
   per_node = 2 if process_per == "gpu" else 1
   _fake_slurm_bin(tmp_path / "bin", 2 * per_node, per_node)
-  env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
-         "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_ID": "123456",
-         "SLURM_JOB_NODELIST": "node-[a-b]", "HOME": str(tmp_path)}
-  result = subprocess.run(["bash", str(script_path)], env=env,
-                          capture_output=True, text=True, timeout=30,
-                          check=False)
+  env = {
+    "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+    "SLURM_ARRAY_TASK_ID": "3",
+    "SLURM_JOB_ID": "123456",
+    "SLURM_JOB_NODELIST": "node-[a-b]",
+    "HOME": str(tmp_path),
+  }
+  result = subprocess.run(
+    ["bash", str(script_path)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=30,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr
   runs = _records(record)
   assert len(runs) == 2 * per_node
@@ -410,13 +537,13 @@ def test_slurm_script_runs_with_stand_ins(tiny_config, tmp_path, process_per):
     assert run_env["AFFJAX_COORDINATOR"] == f"node-a:{20000 + 123456 % 20000}"
     assert run_env["AFFJAX_NUM_PROCESSES"] == str(2 * per_node)
     ids.append(int(run_env["AFFJAX_PROCESS_ID"]))
-    expected_devices = (str(int(run_env["SLURM_LOCALID"]))
-                        if process_per == "gpu" else "0,1")
+    expected_devices = (
+      str(int(run_env["SLURM_LOCALID"])) if process_per == "gpu" else "0,1"
+    )
     assert run_env["AFFJAX_LOCAL_DEVICE_IDS"] == expected_devices
   assert sorted(ids) == list(range(2 * per_node))
 
 
 def test_slurm_rejects_bad_sizes(tiny_config):
   with pytest.raises(ValueError, match="at least 1"):
-    dry_run(slurm.cli, [f"--config={tiny_config}", "--workdir=/w",
-                        "--nodes=0"])
+    dry_run(slurm.cli, [f"--config={tiny_config}", "--workdir=/w", "--nodes=0"])

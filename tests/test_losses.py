@@ -14,11 +14,14 @@ def _reference_loss_np(pred, target):
   gold = np.asarray(target, np.float64)
   gold_mean = gold.mean(1, keepdims=True)
   pred_mean = pred.mean(1, keepdims=True)
-  covariance = (gold - gold_mean) * (pred - pred_mean)     # elementwise
+  covariance = (gold - gold_mean) * (pred - pred_mean)  # elementwise
   gold_var = gold.var(1, ddof=1, keepdims=True)
   pred_var = pred.var(1, ddof=1, keepdims=True)
-  ccc = 2.0 * covariance / (gold_var + pred_var
-                            + (gold_mean - pred_mean) ** 2 + 1e-8)
+  ccc = (
+    2.0
+    * covariance
+    / (gold_var + pred_var + (gold_mean - pred_mean) ** 2 + 1e-8)
+  )
   return np.mean(1.0 - ccc)
 
 
@@ -33,8 +36,11 @@ def _masked_loss_loop(pred, target, mask):
       p = pred[b, keep, c].astype(np.float64)
       t = target[b, keep, c].astype(np.float64)
       cov = np.mean((p - p.mean()) * (t - t.mean()))
-      ccc = 2 * cov / (p.var(ddof=1) + t.var(ddof=1)
-                       + (p.mean() - t.mean()) ** 2 + 1e-8)
+      ccc = (
+        2
+        * cov
+        / (p.var(ddof=1) + t.var(ddof=1) + (p.mean() - t.mean()) ** 2 + 1e-8)
+      )
       total += 1 - ccc
       count += 1
   return total / max(count, 1)
@@ -44,7 +50,8 @@ def _data(seed=0, b=3, t=50, c=2):
   rng = np.random.default_rng(seed)
   target = rng.uniform(-1, 1, (b, t, c)).astype(np.float32)
   pred = (0.6 * target + 0.3 * rng.normal(size=(b, t, c)) + 0.1).astype(
-      np.float32)
+    np.float32
+  )
   return pred, target
 
 
@@ -65,15 +72,19 @@ def test_perfect_prediction_gives_reference_value():
 def test_masked_matches_loop_and_all_true_mask_equals_unmasked():
   pred, target = _data(seed=1, b=4, t=40)
   mask = np.ones((4, 40), bool)
-  mask[0, 25:] = False        # padding tail
-  mask[1, ::3] = False        # scattered invalid labels
-  mask[2, 1:] = False         # one valid frame: contributes nothing
+  mask[0, 25:] = False  # padding tail
+  mask[1, ::3] = False  # scattered invalid labels
+  mask[2, 1:] = False  # one valid frame: contributes nothing
   got = float(jax.jit(losses.ccc_loss)(pred, target, mask))
-  np.testing.assert_allclose(got, _masked_loss_loop(pred, target, mask),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    got, _masked_loss_loop(pred, target, mask), rtol=1e-5, atol=1e-6
+  )
   full = np.ones((4, 40), bool)
-  np.testing.assert_allclose(float(losses.ccc_loss(pred, target, full)),
-                             float(losses.ccc_loss(pred, target)), rtol=1e-6)
+  np.testing.assert_allclose(
+    float(losses.ccc_loss(pred, target, full)),
+    float(losses.ccc_loss(pred, target)),
+    rtol=1e-6,
+  )
 
 
 def test_masked_frames_have_no_influence():
@@ -105,7 +116,8 @@ def test_gradient_matches_finite_difference_of_numpy():
     up[idx] += eps
     dn[idx] -= eps
     fd = (_reference_loss_np(up, target) - _reference_loss_np(dn, target)) / (
-        2 * eps)
+      2 * eps
+    )
     np.testing.assert_allclose(grad[idx], fd, rtol=1e-3, atol=1e-5)
 
 
@@ -121,5 +133,6 @@ def test_shape_mismatch_raises_with_both_shapes():
   with pytest.raises(ValueError, match=r"\(2, 5, 1\).*\(2, 5, 2\)"):
     losses.ccc_loss(jnp.zeros((2, 5, 1)), jnp.zeros((2, 5, 2)))
   with pytest.raises(ValueError, match="mask shape"):
-    losses.ccc_loss(jnp.zeros((2, 5, 1)), jnp.zeros((2, 5, 1)),
-                    jnp.ones((2, 4), bool))
+    losses.ccc_loss(
+      jnp.zeros((2, 5, 1)), jnp.zeros((2, 5, 1)), jnp.ones((2, 4), bool)
+    )

@@ -5,8 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from affjax import evaluate
-from affjax import merge
+from affjax import evaluate, merge
 
 
 def _centering_loop(data):
@@ -35,9 +34,15 @@ def _write_fold(directory, trials, emotions, seed, scale=1.0):
   out = {}
   for name, n in trials.items():
     t = np.linspace(0, 5, n)
-    series = np.stack([scale * np.sin(t + k) + rng.uniform(-0.3, 0.3)
-                       + 0.1 * rng.normal(size=n)
-                       for k in range(len(emotions))], axis=1)
+    series = np.stack(
+      [
+        scale * np.sin(t + k)
+        + rng.uniform(-0.3, 0.3)
+        + 0.1 * rng.normal(size=n)
+        for k in range(len(emotions))
+      ],
+      axis=1,
+    )
     path = str(directory / f"{name}.txt")
     evaluate.write_prediction_file(path, series, emotions)
     # The truth for the checks is what the file holds (9 digits).
@@ -54,8 +59,9 @@ def test_merge_two_head_folds_matches_reference(tmp_path):
   for f in range(4):
     d = tmp_path / f"fold{f}"
     d.mkdir()
-    folds.append((d, _write_fold(d, TRIALS, ("valence", "arousal"), f,
-                                 scale=1.3)))
+    folds.append(
+      (d, _write_fold(d, TRIALS, ("valence", "arousal"), f, scale=1.3))
+    )
   out = tmp_path / "submission"
   merged = merge.merge_folds([d for d, _ in folds], out)
   assert sorted(merged) == sorted(TRIALS)
@@ -78,11 +84,13 @@ def test_merge_single_emotion_runs_in_reference_layout(tmp_path):
     for emotion, store in (("Valence", val), ("Arousal", aro)):
       d = tmp_path / f"{emotion}{f}"
       d.mkdir()
-      store.append((d, _write_fold(d, TRIALS, (emotion,), 10 * f + len(
-          emotion))))
+      store.append(
+        (d, _write_fold(d, TRIALS, (emotion,), 10 * f + len(emotion)))
+      )
   out = tmp_path / "sub"
-  merged = merge.merge_folds([d for d, _ in aro + val], out,
-                             ("valence", "arousal"))
+  merged = merge.merge_folds(
+    [d for d, _ in aro + val], out, ("valence", "arousal")
+  )
   for name in TRIALS:
     want_v = _centering_loop(np.stack([s[name][:, 0] for _, s in val]))
     want_a = _centering_loop(np.stack([s[name][:, 0] for _, s in aro]))
@@ -95,8 +103,9 @@ def test_single_fold_is_clipped_copy(tmp_path):
   d.mkdir()
   (d / "a.txt").write_text("valence,arousal\n1.5,-0.25\n-2,0.5\n0.1,0.2\n")
   merged = merge.merge_folds([d], tmp_path / "out")
-  np.testing.assert_allclose(merged["a"],
-                             [[1.0, -0.25], [-1.0, 0.5], [0.1, 0.2]])
+  np.testing.assert_allclose(
+    merged["a"], [[1.0, -0.25], [-1.0, 0.5], [0.1, 0.2]]
+  )
 
 
 def _two_folds(tmp_path):
@@ -118,13 +127,15 @@ def test_mismatched_trial_sets(tmp_path):
     merge.merge_folds(dirs, tmp_path / "out", trials=["a", "b"])
   # With an explicit list, only those trials are needed and merged.
   assert sorted(merge.merge_folds(dirs, tmp_path / "out", trials=["a"])) == [
-      "a"]
+    "a"
+  ]
 
 
 def test_mismatched_lengths_name_both_files(tmp_path):
   dirs = _two_folds(tmp_path)
-  evaluate.write_prediction_file(str(dirs[1] / "a.txt"), np.zeros((9, 2)),
-                                 ("valence", "arousal"))
+  evaluate.write_prediction_file(
+    str(dirs[1] / "a.txt"), np.zeros((9, 2)), ("valence", "arousal")
+  )
   with pytest.raises(ValueError, match=r"f0/a\.txt has 10.*f1/a\.txt has 9"):
     merge.merge_folds(dirs, tmp_path / "out")
   assert not (tmp_path / "out").exists()

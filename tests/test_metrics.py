@@ -45,10 +45,12 @@ def test_constant_shift_general_formula():
 
 def test_known_pcc_and_rmse():
   # x = 1,2,3 and y = 1,3,2: deviations (-1,0,1), (-1,1,0) -> r = 1/2.
-  np.testing.assert_allclose(metrics.pcc(_col([1, 2, 3]), _col([1, 3, 2])),
-                             [0.5], rtol=1e-6)
-  np.testing.assert_allclose(metrics.rmse(_col([0, 0]), _col([3, 4])),
-                             [np.sqrt(12.5)], rtol=1e-6)
+  np.testing.assert_allclose(
+    metrics.pcc(_col([1, 2, 3]), _col([1, 3, 2])), [0.5], rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    metrics.rmse(_col([0, 0]), _col([3, 4])), [np.sqrt(12.5)], rtol=1e-6
+  )
 
 
 def test_per_channel_and_against_numpy_float64():
@@ -56,17 +58,18 @@ def test_per_channel_and_against_numpy_float64():
   t = rng.uniform(-1, 1, (3, 30, 2))
   p = 0.5 * t + 0.3 * rng.normal(size=t.shape) - 0.1
   mask = rng.uniform(size=(3, 30)) > 0.3
-  got = jax.jit(metrics.ccc)(p.astype(np.float32), t.astype(np.float32),
-                             mask)
+  got = jax.jit(metrics.ccc)(p.astype(np.float32), t.astype(np.float32), mask)
   for c in range(2):
     pc, tc = p[..., c][mask], t[..., c][mask]
     cov = np.mean((pc - pc.mean()) * (tc - tc.mean()))
     want = 2 * cov / (pc.var() + tc.var() + (pc.mean() - tc.mean()) ** 2)
     np.testing.assert_allclose(got[c], want, rtol=1e-5)
-    np.testing.assert_allclose(metrics.pcc(p, t, mask)[c],
-                               np.corrcoef(pc, tc)[0, 1], rtol=1e-5)
-    np.testing.assert_allclose(metrics.rmse(p, t, mask)[c],
-                               np.sqrt(np.mean((pc - tc) ** 2)), rtol=1e-5)
+    np.testing.assert_allclose(
+      metrics.pcc(p, t, mask)[c], np.corrcoef(pc, tc)[0, 1], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+      metrics.rmse(p, t, mask)[c], np.sqrt(np.mean((pc - tc) ** 2)), rtol=1e-5
+    )
 
 
 def test_masked_values_do_not_matter():
@@ -89,27 +92,34 @@ def test_accumulated_moments_equal_concatenation():
   mask = rng.uniform(size=(6, 25)) > 0.2
   total = None
   for i in range(0, 6, 2):
-    m = metrics.moments_np(p[i:i + 2], t[i:i + 2], mask[i:i + 2])
+    m = metrics.moments_np(p[i : i + 2], t[i : i + 2], mask[i : i + 2])
     total = m if total is None else metrics.merge_moments(total, m)
   whole = metrics.all_metrics_np(p, t, mask)
-  np.testing.assert_allclose(metrics.ccc_from_moments(total), whole["ccc"],
-                             rtol=1e-12)
-  np.testing.assert_allclose(metrics.pcc_from_moments(total), whole["pcc"],
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+    metrics.ccc_from_moments(total), whole["ccc"], rtol=1e-12
+  )
+  np.testing.assert_allclose(
+    metrics.pcc_from_moments(total), whole["pcc"], rtol=1e-12
+  )
   # Averaging per-batch CCCs is a different number (why moments exist).
-  per_batch = np.mean([metrics.all_metrics_np(p[i:i + 2], t[i:i + 2],
-                                              mask[i:i + 2])["ccc"]
-                       for i in range(0, 6, 2)], axis=0)
+  per_batch = np.mean(
+    [
+      metrics.all_metrics_np(p[i : i + 2], t[i : i + 2], mask[i : i + 2])["ccc"]
+      for i in range(0, 6, 2)
+    ],
+    axis=0,
+  )
   assert np.all(np.abs(per_batch - whole["ccc"]) > 1e-6)
   # jnp moments summed across "devices" agree too.
-  jm = jax.vmap(metrics.moments)(jnp.asarray(p.reshape(3, 2, 25, 2),
-                                             jnp.float32),
-                                 jnp.asarray(t.reshape(3, 2, 25, 2),
-                                             jnp.float32),
-                                 jnp.asarray(mask.reshape(3, 2, 25)))
+  jm = jax.vmap(metrics.moments)(
+    jnp.asarray(p.reshape(3, 2, 25, 2), jnp.float32),
+    jnp.asarray(t.reshape(3, 2, 25, 2), jnp.float32),
+    jnp.asarray(mask.reshape(3, 2, 25)),
+  )
   summed = jax.tree.map(lambda x: x.sum(0), jm)
-  np.testing.assert_allclose(metrics.ccc_from_moments(summed), whole["ccc"],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    metrics.ccc_from_moments(summed), whole["ccc"], rtol=1e-5
+  )
 
 
 def test_reference_logger_variant():
@@ -118,13 +128,20 @@ def test_reference_logger_variant():
   t = rng.normal(size=50)
   p = t + rng.normal(size=50)
   cov = np.mean((p - p.mean()) * (t - t.mean()))
-  want = 2 * cov / (np.sum((p - p.mean()) ** 2) / 49
-                    + np.sum((t - t.mean()) ** 2) / 49
-                    + (p.mean() - t.mean()) ** 2)
+  want = (
+    2
+    * cov
+    / (
+      np.sum((p - p.mean()) ** 2) / 49
+      + np.sum((t - t.mean()) ** 2) / 49
+      + (p.mean() - t.mean()) ** 2
+    )
+  )
   got = metrics.all_metrics_np(p[:, None], t[:, None], variance_ddof=1)["ccc"]
   np.testing.assert_allclose(got, [want], rtol=1e-12)
-  np.testing.assert_allclose(metrics.ccc(_col(t), _col(t), variance_ddof=1),
-                             [49 / 50], rtol=1e-6)
+  np.testing.assert_allclose(
+    metrics.ccc(_col(t), _col(t), variance_ddof=1), [49 / 50], rtol=1e-6
+  )
 
 
 def test_degenerate_cases():

@@ -18,9 +18,15 @@ _SCRIPT = textwrap.dedent("""
 def _run(first: str) -> subprocess.CompletedProcess:
   return subprocess.run(
     [sys.executable, "-c", _SCRIPT.format(first=first)],
-    capture_output=True, text=True, timeout=120,
-    env={"TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu",
-         "PATH": "/usr/bin:/bin"},
+    check=False,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={
+      "TF_CPP_MIN_LOG_LEVEL": "2",
+      "JAX_PLATFORMS": "cpu",
+      "PATH": "/usr/bin:/bin",
+    },
   )
 
 

@@ -12,7 +12,13 @@ def test_version():
 def test_runtime_dependencies_import():
   # tensorboard (for clu.metric_writers) and importlib_resources (for tfds
   # builders) are undeclared upstream; a missing one must fail here, fast.
-  for name in ("clu.metric_writers", "clu.periodic_actions",
-               "importlib_resources", "tensorflow_datasets",
-               "orbax.checkpoint", "optax", "ml_collections"):
+  for name in (
+    "clu.metric_writers",
+    "clu.periodic_actions",
+    "importlib_resources",
+    "tensorflow_datasets",
+    "orbax.checkpoint",
+    "optax",
+    "ml_collections",
+  ):
     assert importlib.import_module(name) is not None

@@ -25,11 +25,19 @@ MODES = {"memory": {}, "stream": {"memory_cache_gb": 0.0}}
 
 
 def cfg(mode="memory", **overrides):
-  base = {"name": "affwild2", "fold": 0, "window_length": W,
-          "hop_length": H, "emotions": ("valence", "arousal"),
-          "features": ("frames", "vggish", "mfcc", "egemaps"),
-          "crop_size": 40, "time_delay": 0, "raw_dir": "", "cache_dir": "",
-          "tfds_dir": ""}
+  base = {
+    "name": "affwild2",
+    "fold": 0,
+    "window_length": W,
+    "hop_length": H,
+    "emotions": ("valence", "arousal"),
+    "features": ("frames", "vggish", "mfcc", "egemaps"),
+    "crop_size": 40,
+    "time_delay": 0,
+    "raw_dir": "",
+    "cache_dir": "",
+    "tfds_dir": "",
+  }
   base.update(MODES[mode])
   base.update(overrides)
   return ml_collections.ConfigDict(base)
@@ -38,16 +46,19 @@ def cfg(mode="memory", **overrides):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
   root = tmp_path_factory.mktemp("pipe")
-  paths = prepare.DataPaths(str(root / "raw"), str(root / "cache"),
-                            str(root / "tfds"))
+  paths = prepare.DataPaths(
+    str(root / "raw"), str(root / "cache"), str(root / "tfds")
+  )
   written = write_tiny_cache(paths.cache_dir, SPEC, embeddings=True)
   affwild2.build(paths.cache_dir, paths.tfds_dir)
   return paths, written
 
 
 def _names(split):
-  by = {p: sorted(n for n, p2, *_ in SPEC if p2 == p)
-        for p in ("train", "validation", "test")}
+  by = {
+    p: sorted(n for n, p2, *_ in SPEC if p2 == p)
+    for p in ("train", "validation", "test")
+  }
   return by
 
 
@@ -59,8 +70,9 @@ def _expected_names(fold, split):
 
 def _numpy_stats(written, names, feat):
   """Reference normalisation from the raw arrays: one scalar, ddof=1."""
-  rows = [written[n][feat][np.all(written[n]["labels"] != -5, 1)]
-          for n in names]
+  rows = [
+    written[n][feat][np.all(written[n]["labels"] != -5, 1)] for n in names
+  ]
   x = np.concatenate(rows).astype(np.float64).ravel()
   return x.mean(), x.std(ddof=1)
 
@@ -73,10 +85,16 @@ def _stitch(batches, key, split):
   return stitch.stitch_windows(values, trial, index, split.trial_lengths)
 
 
-@pytest.mark.parametrize("fold,split_name,delay,mode", [
-    (0, "validation", 3, "memory"), (3, "validation", 0, "stream"),
-    (1, "train", 2, "memory"), (1, "train", 2, "stream"),
-    (0, "test", 0, "memory")])
+@pytest.mark.parametrize(
+  "fold,split_name,delay,mode",
+  [
+    (0, "validation", 3, "memory"),
+    (3, "validation", 0, "stream"),
+    (1, "train", 2, "memory"),
+    (1, "train", 2, "stream"),
+    (0, "test", 0, "memory"),
+  ],
+)
 def test_eval_round_trip(data, fold, split_name, delay, mode):
   paths, written = data
   c = cfg(mode, fold=fold, time_delay=delay)
@@ -99,8 +117,9 @@ def test_eval_round_trip(data, fold, split_name, delay, mode):
     # Stitched labels == the original valid labels, exactly.
     np.testing.assert_array_equal(labels[i][valid], shifted[valid])
     np.testing.assert_array_equal(labels[i][~valid], 0.0)
-    np.testing.assert_allclose(mfcc[i], (raw["mfcc"] - mean) / std,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      mfcc[i], (raw["mfcc"] - mean) / std, rtol=1e-5, atol=1e-5
+    )
     centre = raw["frames"][:, 4:44, 4:44].reshape(n, -1) / 255.0
     np.testing.assert_allclose(frames[i], (centre - 0.5) / 0.5, atol=1e-6)
   if split_name == "test":
@@ -115,7 +134,8 @@ def test_eval_windows_masks_and_padding(data, mode):
   assert split.trial_names == ["a_val", "v_b"]
   batches = list(pipeline.eval_batches(c, paths, "validation", batch_size=4))
   assert {tuple(sorted(b)) for b in batches} == {
-      ("frame_index", "frames", "label", "mask", "trial", "vggish")}
+    ("frame_index", "frames", "label", "mask", "trial", "vggish")
+  }
   rows = []
   for b in batches:
     assert b["frames"].shape == (4, W, 40, 40, 3)
@@ -125,13 +145,16 @@ def test_eval_windows_masks_and_padding(data, mode):
     for r in range(4):
       rows.append({k: v[r] for k, v in b.items()})
   # Every window exactly once, in fixed order, then padding rows.
-  expect = [(i, s) for i, n in enumerate(split.trial_lengths)
-            for s in stitch.window_starts(n, W, H)]
+  expect = [
+    (i, s)
+    for i, n in enumerate(split.trial_lengths)
+    for s in stitch.window_starts(n, W, H)
+  ]
   assert split.num_windows == len(expect) == 5
   real = [r for r in rows if r["trial"] >= 0]
   assert [(int(r["trial"]), int(r["frame_index"][0])) for r in real] == expect
   assert len(rows) - len(real) == 3
-  for r in rows[len(real):]:
+  for r in rows[len(real) :]:
     assert not r["mask"].any() and (r["frame_index"] == -1).all()
     assert (r["frames"] == -1).all() and (r["vggish"] == 0).all()
   for r in real:
@@ -160,34 +183,52 @@ def test_eval_process_sharding_disjoint_complete(data, mode):
   paths, _ = data
   c = cfg(mode, fold=2, features=("mfcc",))
   single = list(pipeline.eval_batches(c, paths, "train", batch_size=2))
-  per = [list(pipeline.eval_batches(c, paths, "train", batch_size=2,
-                                    process_index=p, process_count=3))
-         for p in range(3)]
+  per = [
+    list(
+      pipeline.eval_batches(
+        c, paths, "train", batch_size=2, process_index=p, process_count=3
+      )
+    )
+    for p in range(3)
+  ]
   assert len({len(b) for b in per}) == 1  # same number of batches
+
   def real(batches):
     t = np.concatenate([b["trial"] for b in batches])
     keep = t >= 0
-    return {k: np.concatenate([b[k] for b in batches])[keep]
-            for k in batches[0]}
+    return {
+      k: np.concatenate([b[k] for b in batches])[keep] for k in batches[0]
+    }
+
   whole = real(single)
   parts = [real(b) for b in per]
   # Concatenated in process order: the single-process windows, in order.
   for k in whole:
     np.testing.assert_array_equal(
-        np.concatenate([p[k] for p in parts]), whole[k])
+      np.concatenate([p[k] for p in parts]), whole[k]
+    )
   # Each process reads whole trials of its own.
   owners = [set(p["trial"].tolist()) for p in parts]
   assert sum(len(o) for o in owners) == len(set().union(*owners)) == 7
   # More processes than trials: the idle ones yield padding batches only.
   c = cfg(mode, fold=0, features=("frames", "mfcc"))
-  per = [list(pipeline.eval_batches(c, paths, "validation", batch_size=2,
-                                    process_index=p, process_count=4))
-         for p in range(4)]
+  per = [
+    list(
+      pipeline.eval_batches(
+        c, paths, "validation", batch_size=2, process_index=p, process_count=4
+      )
+    )
+    for p in range(4)
+  ]
   # a_val: 4 windows, v_b: 1; the cuts at 5/4, 10/4, 15/4 windows all fall
   # in a_val, so the last process gets both trials.
   assert [len(b) for b in per] == [3] * 4
   assert [sum(int((b["trial"] >= 0).sum()) for b in bs) for bs in per] == [
-      0, 0, 0, 5]
+    0,
+    0,
+    0,
+    5,
+  ]
   for b in per[0] + per[1] + per[2]:
     assert b["frames"].shape == (2, W, 40, 40, 3)
     assert (b["frames"] == -1).all() and (b["mfcc"] == 0).all()
@@ -195,8 +236,11 @@ def test_eval_process_sharding_disjoint_complete(data, mode):
 
 
 def _window_keys(batches):
-  return [(int(t), int(f[0])) for b in batches
-          for t, f in zip(b["trial"], b["frame_index"])]
+  return [
+    (int(t), int(f[0]))
+    for b in batches
+    for t, f in zip(b["trial"], b["frame_index"])
+  ]
 
 
 def _crop_params(raw, window):
@@ -206,7 +250,7 @@ def _crop_params(raw, window):
   target = window["frames"][real]
   for oy in range(9):
     for ox in range(9):
-      crop = raw[idx[real], oy:oy + 40, ox:ox + 40]
+      crop = raw[idx[real], oy : oy + 40, ox : ox + 40]
       for flip in (False, True):
         c = crop[:, :, ::-1] if flip else crop
         if np.allclose((c / 255.0 - 0.5) / 0.5, target, atol=1e-6):
@@ -219,8 +263,11 @@ def test_train_batches_content_and_determinism(data, mode):
   paths, written = data
   c = cfg(mode, fold=0, time_delay=1)
   split = pipeline.load_split(c, paths, "train")
-  assert split.num_windows == sum(
-      stitch.num_windows(n, W, H) for n in split.trial_lengths) == 21
+  assert (
+    split.num_windows
+    == sum(stitch.num_windows(n, W, H) for n in split.trial_lengths)
+    == 21
+  )
   args = {"batch_size": 4, "epoch": 0, "seed": 7}
   a = list(pipeline.train_batches(c, paths, "train", **args))
   assert len(a) == 21 // 4
@@ -237,9 +284,10 @@ def test_train_batches_content_and_determinism(data, mode):
       params.add(p)
       idx = b["frame_index"][r]
       ok = idx >= 0
-      np.testing.assert_array_equal(b["label"][r][b["mask"][r]],
-                                    split.labels[b["trial"][r]][
-                                        idx[b["mask"][r]]])
+      np.testing.assert_array_equal(
+        b["label"][r][b["mask"][r]],
+        split.labels[b["trial"][r]][idx[b["mask"][r]]],
+      )
       assert not b["mask"][r][~ok].any()
   assert len(params) > 3  # crops and flips vary between windows
   assert any(p[2] for p in params) and not all(p[2] for p in params)
@@ -247,10 +295,12 @@ def test_train_batches_content_and_determinism(data, mode):
   for x, y in zip(a, again):
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
-  other_seed = _window_keys(pipeline.train_batches(
-      c, paths, "train", batch_size=4, epoch=0, seed=8))
-  other_epoch = _window_keys(pipeline.train_batches(
-      c, paths, "train", batch_size=4, epoch=1, seed=7))
+  other_seed = _window_keys(
+    pipeline.train_batches(c, paths, "train", batch_size=4, epoch=0, seed=8)
+  )
+  other_epoch = _window_keys(
+    pipeline.train_batches(c, paths, "train", batch_size=4, epoch=1, seed=7)
+  )
   assert other_seed != keys and other_epoch != keys
 
 
@@ -260,9 +310,21 @@ def test_train_process_sharding_disjoint(data, mode):
   c = cfg(mode, fold=0, features=("mfcc",))
   single = pipeline.load_split(c, paths, "train")
   for count, batch in ((2, 1), (3, 2)):
-    per = [list(pipeline.train_batches(
-        c, paths, "train", batch_size=batch, epoch=3, seed=0,
-        process_index=p, process_count=count)) for p in range(count)]
+    per = [
+      list(
+        pipeline.train_batches(
+          c,
+          paths,
+          "train",
+          batch_size=batch,
+          epoch=3,
+          seed=0,
+          process_index=p,
+          process_count=count,
+        )
+      )
+      for p in range(count)
+    ]
     assert len({len(b) for b in per}) == 1
     keys = [_window_keys(b) for b in per]
     flat = [k for ks in keys for k in ks]
@@ -271,13 +333,17 @@ def test_train_process_sharding_disjoint(data, mode):
     for p in range(count):
       for q in range(p):
         assert not trials[p] & trials[q]  # each reads only its own trials
-    everything = {(i, int(s)) for i, n in enumerate(single.trial_lengths)
-                  for s in stitch.window_starts(n, W, H)}
+    everything = {
+      (i, int(s))
+      for i, n in enumerate(single.trial_lengths)
+      for s in stitch.window_starts(n, W, H)
+    }
     assert set(flat) <= everything
     assert len(flat) >= len(everything) - count * (batch + 4)
   # batch 1, 1 process: complete coverage.
-  one = _window_keys(pipeline.train_batches(c, paths, "train", batch_size=1,
-                                            epoch=0, seed=0))
+  one = _window_keys(
+    pipeline.train_batches(c, paths, "train", batch_size=1, epoch=0, seed=0)
+  )
   assert sorted(one) == sorted(everything)
 
 
@@ -291,10 +357,15 @@ def test_feature_stats_scalar_and_per_dim(data):
     mean, std = _numpy_stats(written, train, feat)
     np.testing.assert_allclose(stats[feat][0], mean, rtol=1e-5)
     np.testing.assert_allclose(stats[feat][1], std, rtol=1e-5)
-  per = pipeline.load_split(cfg(fold=4, normalization="per_dim"), paths,
-                            "test").feature_stats
-  x = np.concatenate([written[n]["egemaps"][np.all(
-      written[n]["labels"] != -5, 1)] for n in train]).astype(np.float64)
+  per = pipeline.load_split(
+    cfg(fold=4, normalization="per_dim"), paths, "test"
+  ).feature_stats
+  x = np.concatenate(
+    [
+      written[n]["egemaps"][np.all(written[n]["labels"] != -5, 1)]
+      for n in train
+    ]
+  ).astype(np.float64)
   np.testing.assert_allclose(per["egemaps"][0], x.mean(0), rtol=1e-5)
   np.testing.assert_allclose(per["egemaps"][1], x.std(0, ddof=1), rtol=1e-5)
 
@@ -304,8 +375,14 @@ def test_embeddings_mode(data):
   c = cfg(features=("embeddings", "mfcc"), emotions=("arousal",))
   split = pipeline.load_split(c, paths, "validation")
   batches = list(pipeline.eval_batches(c, paths, "validation", batch_size=2))
-  assert set(batches[0]) == {"embeddings", "mfcc", "label", "mask",
-                             "frame_index", "trial"}
+  assert set(batches[0]) == {
+    "embeddings",
+    "mfcc",
+    "label",
+    "mask",
+    "frame_index",
+    "trial",
+  }
   assert batches[0]["label"].shape == (2, W, 1)
   emb = _stitch(batches, "embeddings", split)
   lab = _stitch(batches, "label", split)
@@ -313,8 +390,9 @@ def test_embeddings_mode(data):
     np.testing.assert_array_equal(emb[i], written[name]["embeddings"])
     valid = written[name]["labels"][:, 1] != -5
     valid &= written[name]["labels"][:, 0] != -5
-    np.testing.assert_array_equal(lab[i][valid, 0],
-                                  written[name]["labels"][valid, 1])
+    np.testing.assert_array_equal(
+      lab[i][valid, 0], written[name]["labels"][valid, 1]
+    )
 
 
 def test_memory_and_stream_agree(data):
@@ -333,9 +411,13 @@ def test_memory_and_stream_agree(data):
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
   # Training: other order, but the same windows with the same crops.
   args = {"batch_size": 1, "epoch": 4, "seed": 3}
+
   def by_window(c):
-    return {(int(b["trial"][0]), int(b["frame_index"][0, 0])): b
-            for b in pipeline.train_batches(c, paths, "train", **args)}
+    return {
+      (int(b["trial"][0]), int(b["frame_index"][0, 0])): b
+      for b in pipeline.train_batches(c, paths, "train", **args)
+    }
+
   x, y = by_window(mem), by_window(stream)
   assert sorted(x) == sorted(y) and len(x) == 21
   for key in x:
@@ -345,16 +427,23 @@ def test_memory_and_stream_agree(data):
 
 def test_window_rows_hand_case():
   frame_index, rows, label_rows = windows_lib.window_rows(
-      offset=np.array([10, 0, 5], np.int32),
-      length=np.array([4, 3, 0], np.int32),
-      start=np.array([1, 0, 0], np.int32), window=4, delay=1, sentinel=99)
+    offset=np.array([10, 0, 5], np.int32),
+    length=np.array([4, 3, 0], np.int32),
+    start=np.array([1, 0, 0], np.int32),
+    window=4,
+    delay=1,
+    sentinel=99,
+  )
   np.testing.assert_array_equal(
-      frame_index, [[1, 2, 3, -1], [0, 1, 2, -1], [-1, -1, -1, -1]])
+    frame_index, [[1, 2, 3, -1], [0, 1, 2, -1], [-1, -1, -1, -1]]
+  )
   np.testing.assert_array_equal(
-      rows, [[11, 12, 13, 99], [0, 1, 2, 99], [99, 99, 99, 99]])
+    rows, [[11, 12, 13, 99], [0, 1, 2, 99], [99, 99, 99, 99]]
+  )
   # Labels one frame later, clamped to the trial's last frame.
   np.testing.assert_array_equal(
-      label_rows, [[12, 13, 13, 99], [1, 2, 2, 99], [99, 99, 99, 99]])
+    label_rows, [[12, 13, 13, 99], [1, 2, 2, 99], [99, 99, 99, 99]]
+  )
 
 
 def test_crop_table():
@@ -367,8 +456,7 @@ def test_crop_table():
 
 
 def test_rebuilt_dataset_and_edited_labels_are_read_again(tmp_path):
-  paths = prepare.DataPaths("", str(tmp_path / "cache"),
-                            str(tmp_path / "tfds"))
+  paths = prepare.DataPaths("", str(tmp_path / "cache"), str(tmp_path / "tfds"))
   spec = SPEC[:1] + SPEC[6:7]
   written = write_tiny_cache(paths.cache_dir, spec, size=48)
   affwild2.build(paths.cache_dir, paths.tfds_dir)
@@ -377,8 +465,7 @@ def test_rebuilt_dataset_and_edited_labels_are_read_again(tmp_path):
   # Same manifest (same fingerprint), other arrays: the dataset is rebuilt
   # by hand, as after fixing a cache in place.
   trial_dir = os.path.join(paths.cache_dir, "trials", "a_val")
-  np.save(os.path.join(trial_dir, "mfcc.npy"),
-          written["a_val"]["mfcc"] + 100.0)
+  np.save(os.path.join(trial_dir, "mfcc.npy"), written["a_val"]["mfcc"] + 100.0)
   labels = written["a_val"]["labels"].copy()
   labels[:, 0] = 0.25
   np.save(os.path.join(trial_dir, "labels.npy"), labels)
@@ -388,9 +475,11 @@ def test_rebuilt_dataset_and_edited_labels_are_read_again(tmp_path):
   again = list(pipeline.eval_batches(c, paths, "validation", batch_size=8))
   real = first[0]["frame_index"][0] >= 0
   np.testing.assert_allclose(
-      again[0]["mfcc"][0][real] - first[0]["mfcc"][0][real],
-      100.0 / pipeline.load_split(c, paths, "validation").feature_stats[
-          "mfcc"][1][0], rtol=1e-4)
+    again[0]["mfcc"][0][real] - first[0]["mfcc"][0][real],
+    100.0
+    / pipeline.load_split(c, paths, "validation").feature_stats["mfcc"][1][0],
+    rtol=1e-4,
+  )
   valid = again[0]["mask"][0]
   np.testing.assert_array_equal(again[0]["label"][0][valid, 0], 0.25)
 
@@ -417,8 +506,11 @@ def test_config_errors(data, tmp_path):
   with pytest.raises(ValueError, match="fold"):
     pipeline.load_split(cfg(fold=6), paths, "train")
   with pytest.raises(ValueError, match="process_index"):
-    next(pipeline.eval_batches(cfg(), paths, "train", batch_size=2,
-                               process_index=2, process_count=2))
+    next(
+      pipeline.eval_batches(
+        cfg(), paths, "train", batch_size=2, process_index=2, process_count=2
+      )
+    )
   with pytest.raises(ValueError, match="emotions"):
     pipeline.load_split(cfg(emotions=("joy",)), paths, "train")
   other = prepare.DataPaths("", str(tmp_path / "c"), str(tmp_path / "t"))
@@ -427,15 +519,19 @@ def test_config_errors(data, tmp_path):
   with pytest.raises(ValueError, match="affjax.embed"):
     pipeline.load_split(cfg(features=("embeddings",)), other, "train")
   with pytest.raises(FileNotFoundError, match="no aff_wild2 dataset"):
-    pipeline.load_split(cfg(), dataclasses.replace(
-        other, tfds_dir=str(tmp_path / "none")), "train")
+    pipeline.load_split(
+      cfg(),
+      dataclasses.replace(other, tfds_dir=str(tmp_path / "none")),
+      "train",
+    )
 
 
 def test_prepare_paths_and_affwild2_errors(tmp_path):
   work = str(tmp_path / "work")
   paths = prepare.resolve_paths(cfg(), work)
-  assert paths == prepare.DataPaths(*(os.path.join(work, "data", d)
-                                      for d in ("raw", "cache", "tfds")))
+  assert paths == prepare.DataPaths(
+    *(os.path.join(work, "data", d) for d in ("raw", "cache", "tfds"))
+  )
   with pytest.raises(FileNotFoundError, match="config.data.raw_dir"):
     prepare.prepare(cfg(raw_dir=str(tmp_path / "missing")), work)
   with pytest.raises(FileNotFoundError, match="config.data.cache_dir"):
@@ -448,5 +544,4 @@ def test_prepare_paths_and_affwild2_errors(tmp_path):
   write_tiny_cache(paths.cache_dir, SPEC[:2] + SPEC[6:7], size=48)
   got = prepare.prepare(cfg(), work)
   assert got == paths
-  assert affwild2.read_metadata(paths.tfds_dir)["splits"]["chunk5"] == [
-      "a_val"]
+  assert affwild2.read_metadata(paths.tfds_dir)["splits"]["chunk5"] == ["a_val"]

@@ -25,13 +25,15 @@ def test_window_starts_hand_cases():
   np.testing.assert_array_equal(stitch.window_starts(300, 300, 200), [0])
   np.testing.assert_array_equal(stitch.window_starts(120, 300, 200), [0])
   np.testing.assert_array_equal(stitch.window_starts(301, 300, 200), [0, 1])
-  np.testing.assert_array_equal(stitch.window_starts(1000, 300, 200),
-                                [0, 200, 400, 600, 700])
+  np.testing.assert_array_equal(
+    stitch.window_starts(1000, 300, 200), [0, 200, 400, 600, 700]
+  )
   assert stitch.num_windows(1000, 300, 200) == 5
 
 
-@pytest.mark.parametrize("window,hop", [(300, 200), (300, 300), (7, 3),
-                                        (5, 1), (4, 4)])
+@pytest.mark.parametrize(
+  "window,hop", [(300, 200), (300, 300), (7, 3), (5, 1), (4, 4)]
+)
 def test_window_starts_match_reference_loop(window, hop):
   for length in range(1, 4 * window + 3):
     got = stitch.window_starts(length, window, hop)
@@ -85,7 +87,7 @@ def test_round_trip_exact():
 
 def test_overlaps_are_averaged():
   # Trial of 6 frames, windows [0,4) and [2,6): frames 2, 3 are shared.
-  preds = np.array([[[1.], [1.], [1.], [1.]], [[3.], [3.], [3.], [3.]]])
+  preds = np.array([[[1.0], [1.0], [1.0], [1.0]], [[3.0], [3.0], [3.0], [3.0]]])
   index = np.array([[0, 1, 2, 3], [2, 3, 4, 5]])
   out = stitch.stitch_windows(preds, np.array([0, 0]), index, [6])
   np.testing.assert_array_equal(out[0][:, 0], [1, 1, 2, 2, 3, 3])

@@ -78,8 +78,10 @@ def _trial_dir(cache_dir: str, trial: str) -> str:
 
 def _has_embeddings(cache_dir: str, trial: str) -> bool:
   d = _trial_dir(cache_dir, trial)
-  return all(os.path.isfile(os.path.join(d, f))
-             for f in ("embeddings.npy", "embeddings.json"))
+  return all(
+    os.path.isfile(os.path.join(d, f))
+    for f in ("embeddings.npy", "embeddings.json")
+  )
 
 
 def scan_cache(cache_dir: str) -> dict[str, Any]:
@@ -97,38 +99,63 @@ def scan_cache(cache_dir: str) -> dict[str, Any]:
   manifest = _read_json(os.path.join(cache_dir, _MANIFEST))
   names = sorted(manifest.get("trials", {}))
   if not names:
-    raise ValueError(f"{os.path.join(cache_dir, _MANIFEST)} lists no "
-                     "finished trials; run preprocessing first")
+    raise ValueError(
+      f"{os.path.join(cache_dir, _MANIFEST)} lists no "
+      "finished trials; run preprocessing first"
+    )
   trials = {}
   for name in names:
     meta = _read_json(os.path.join(_trial_dir(cache_dir, name), "meta.json"))
     if meta.get("partition") not in _PARTITION_SPLIT:
       raise ValueError(
-          f"{_trial_dir(cache_dir, name)}/meta.json: partition "
-          f"{meta.get('partition')!r}, expected one of "
-          f"{sorted(_PARTITION_SPLIT)}")
+        f"{_trial_dir(cache_dir, name)}/meta.json: partition "
+        f"{meta.get('partition')!r}, expected one of "
+        f"{sorted(_PARTITION_SPLIT)}"
+      )
     trials[name] = meta
   with_emb = [n for n in names if _has_embeddings(cache_dir, n)]
   embeddings = len(with_emb) == len(names)
   if with_emb and not embeddings:
-    logging.warning("%s: only %d of %d trials have cached embeddings; the "
-                    "dataset is built without them", cache_dir,
-                    len(with_emb), len(names))
-  emb_info = {n: _read_json(os.path.join(_trial_dir(cache_dir, n),
-                                         "embeddings.json"))
-              for n in with_emb} if embeddings else {}
-  digest = hashlib.sha256(json.dumps(
-      {"version": DATASET_VERSION, "settings": manifest.get("settings"),
-       "trials": {n: manifest["trials"][n] for n in names},
-       "embeddings": emb_info}, sort_keys=True).encode()).hexdigest()
-  return {"fingerprint": digest, "settings": manifest.get("settings", {}),
-          "embeddings": embeddings, "trials": trials}
+    logging.warning(
+      "%s: only %d of %d trials have cached embeddings; the "
+      "dataset is built without them",
+      cache_dir,
+      len(with_emb),
+      len(names),
+    )
+  emb_info = (
+    {
+      n: _read_json(os.path.join(_trial_dir(cache_dir, n), "embeddings.json"))
+      for n in with_emb
+    }
+    if embeddings
+    else {}
+  )
+  digest = hashlib.sha256(
+    json.dumps(
+      {
+        "version": DATASET_VERSION,
+        "settings": manifest.get("settings"),
+        "trials": {n: manifest["trials"][n] for n in names},
+        "embeddings": emb_info,
+      },
+      sort_keys=True,
+    ).encode()
+  ).hexdigest()
+  return {
+    "fingerprint": digest,
+    "settings": manifest.get("settings", {}),
+    "embeddings": embeddings,
+    "trials": trials,
+  }
 
 
 def assign_splits(trials: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
   """Split name -> sorted trial names (all of CHUNKS and TEST, maybe empty)."""
-  by_part = {p: sorted(n for n, m in trials.items() if m["partition"] == p)
-             for p in _PARTITION_SPLIT}
+  by_part = {
+    p: sorted(n for n, m in trials.items() if m["partition"] == p)
+    for p in _PARTITION_SPLIT
+  }
   parts = folds.chunks(by_part["train"], by_part["validation"])
   out = dict(zip(CHUNKS, parts))
   out[TEST] = by_part["test"]
@@ -142,12 +169,20 @@ def _metadata(scan: dict[str, Any]) -> dict[str, Any]:
     for i, name in enumerate(names):
       meta = scan["trials"][name]
       trials[name] = {
-          "split": split, "index": i, "partition": meta["partition"],
-          "n_frames": int(meta["n_frames"]), "fps": meta.get("fps"),
-          "feature_sums": meta.get("feature_sums", {})}
-  return {"fingerprint": scan["fingerprint"], "splits": splits,
-          "trials": trials, "embeddings": scan["embeddings"],
-          "settings": scan["settings"]}
+        "split": split,
+        "index": i,
+        "partition": meta["partition"],
+        "n_frames": int(meta["n_frames"]),
+        "fps": meta.get("fps"),
+        "feature_sums": meta.get("feature_sums", {}),
+      }
+  return {
+    "fingerprint": scan["fingerprint"],
+    "splits": splits,
+    "trials": trials,
+    "embeddings": scan["embeddings"],
+    "settings": scan["settings"],
+  }
 
 
 class AffWild2(tfds.core.GeneratorBasedBuilder):
@@ -155,7 +190,8 @@ class AffWild2(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version(DATASET_VERSION)
   RELEASE_NOTES: ClassVar[dict[str, str]] = {
-      DATASET_VERSION: "One example per trial; CV chunks as splits."}
+    DATASET_VERSION: "One example per trial; CV chunks as splits."
+  }
 
   def __init__(self, *, cache_dir: str, **kwargs):
     """`cache_dir`: the preprocessed cache; other args go to tfds."""
@@ -170,37 +206,47 @@ class AffWild2(tfds.core.GeneratorBasedBuilder):
     names = ["frames", *AUDIO_FEATURES]
     if self._scan["embeddings"]:
       names.append(EMBEDDINGS)
-    return {n: np.load(os.path.join(d, n + ".npy"), mmap_mode="r").shape[1:]
-            for n in names}
+    return {
+      n: np.load(os.path.join(d, n + ".npy"), mmap_mode="r").shape[1:]
+      for n in names
+    }
 
   def _info(self) -> tfds.core.DatasetInfo:
     shapes = self._array_shapes()
     raw = tfds.features.Encoding.BYTES
     features = {
-        "frames": tfds.features.Tensor(shape=(None, *shapes["frames"]),
-                                       dtype=np.uint8, encoding=raw),
-        "face_mask": tfds.features.Tensor(shape=(None,), dtype=np.bool_,
-                                          encoding=raw),
-        "labels": tfds.features.Tensor(shape=(None, 2), dtype=np.float32,
-                                       encoding=raw),
-        "trial": tfds.features.Text(),
-        "n_frames": np.int32,
+      "frames": tfds.features.Tensor(
+        shape=(None, *shapes["frames"]), dtype=np.uint8, encoding=raw
+      ),
+      "face_mask": tfds.features.Tensor(
+        shape=(None,), dtype=np.bool_, encoding=raw
+      ),
+      "labels": tfds.features.Tensor(
+        shape=(None, 2), dtype=np.float32, encoding=raw
+      ),
+      "trial": tfds.features.Text(),
+      "n_frames": np.int32,
     }
     for name in shapes:
       if name != "frames":
         features[name] = tfds.features.Tensor(
-            shape=(None, *shapes[name]), dtype=np.float32, encoding=raw)
+          shape=(None, *shapes[name]), dtype=np.float32, encoding=raw
+        )
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="Aff-Wild2 valence/arousal trials from a feature cache.",
-        features=tfds.features.FeaturesDict(features),
-        metadata=tfds.core.MetadataDict(self._meta),
-        disable_shuffling=True)
+      builder=self,
+      description="Aff-Wild2 valence/arousal trials from a feature cache.",
+      features=tfds.features.FeaturesDict(features),
+      metadata=tfds.core.MetadataDict(self._meta),
+      disable_shuffling=True,
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # everything is local
-    return {split: self._generate_examples(names)
-            for split, names in self._meta["splits"].items() if names}
+    return {
+      split: self._generate_examples(names)
+      for split, names in self._meta["splits"].items()
+      if names
+    }
 
   def _generate_examples(self, names=()):
     keys = ["frames", "face_mask", "labels", *AUDIO_FEATURES]
@@ -217,8 +263,9 @@ class AffWild2(tfds.core.GeneratorBasedBuilder):
         except FileNotFoundError:
           raise FileNotFoundError(f"{path} not found") from None
         if ex[key].shape[0] != n:
-          raise ValueError(f"{path}: {ex[key].shape[0]} rows, meta.json "
-                           f"says n_frames={n}")
+          raise ValueError(
+            f"{path}: {ex[key].shape[0]} rows, meta.json says n_frames={n}"
+          )
       ex["face_mask"] = ex["face_mask"].astype(bool)
       for key in ("labels", *AUDIO_FEATURES, EMBEDDINGS):
         if key in ex:
@@ -262,8 +309,9 @@ def read_metadata(tfds_dir: str) -> dict[str, Any]:
   path = os.path.join(dataset_dir(tfds_dir), "metadata.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(
-        f"no {NAME} dataset in {tfds_dir} ({path} missing); build it with "
-        "affjax.data.prepare.prepare or affwild2.build")
+      f"no {NAME} dataset in {tfds_dir} ({path} missing); build it with "
+      "affjax.data.prepare.prepare or affwild2.build"
+    )
   return _read_json(path)
 
 
@@ -296,11 +344,13 @@ def _build_once(cache_dir: str, tfds_dir: str) -> str:
       current = None
     if current == scan["fingerprint"]:
       return out
-    logging.info("Cache %s changed since %s was built; rebuilding.",
-                 cache_dir, out)
+    logging.info(
+      "Cache %s changed since %s was built; rebuilding.", cache_dir, out
+    )
     shutil.rmtree(out)
   tfds.disable_progress_bar()
   builder = AffWild2(cache_dir=cache_dir, data_dir=tfds_dir)
   builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+  )
   return out

@@ -26,13 +26,15 @@ def check_fold(fold: int) -> int:
   """Returns `fold` as an int, or raises ValueError if not in [0, 6)."""
   ok = isinstance(fold, (int, np.integer)) and not isinstance(fold, bool)
   if not ok or not 0 <= fold < NUM_FOLDS:
-    raise ValueError(f"fold must be an integer in [0, {NUM_FOLDS}), "
-                     f"got {fold!r}")
+    raise ValueError(
+      f"fold must be an integer in [0, {NUM_FOLDS}), got {fold!r}"
+    )
   return int(fold)
 
 
-def chunks(train_trials: Sequence[str],
-           validation_trials: Sequence[str]) -> list[list[str]]:
+def chunks(
+  train_trials: Sequence[str], validation_trials: Sequence[str]
+) -> list[list[str]]:
   """The six chunks: five of the sorted training trials, then validation.
 
   Args:
@@ -56,7 +58,7 @@ def chunks(train_trials: Sequence[str],
     raise ValueError(f"trials in both training and validation: {both[:5]}")
   size = len(train) // NUM_TRAIN_CHUNKS
   bounds = [i * size for i in range(NUM_TRAIN_CHUNKS)] + [len(train)]
-  out = [train[bounds[i]:bounds[i + 1]] for i in range(NUM_TRAIN_CHUNKS)]
+  out = [train[bounds[i] : bounds[i + 1]] for i in range(NUM_TRAIN_CHUNKS)]
   out.append(validation)
   return out
 
@@ -67,9 +69,9 @@ def fold_chunks(fold: int) -> tuple[list[int], int]:
   return order[:-1], order[-1]
 
 
-def fold_partitions(train_trials: Sequence[str],
-                    validation_trials: Sequence[str],
-                    fold: int) -> tuple[list[str], list[str]]:
+def fold_partitions(
+  train_trials: Sequence[str], validation_trials: Sequence[str], fold: int
+) -> tuple[list[str], list[str]]:
   """Training and validation trial names of one fold (the reference's rule).
 
   Args:

@@ -83,13 +83,14 @@ _PREFETCH = 2
 
 def _check_process(process_index: int, process_count: int) -> None:
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, "
-                     f"{process_count})")
+    raise ValueError(
+      f"process_index {process_index} not in [0, {process_count})"
+    )
 
 
-def balanced_assignment(windows_per_trial: Sequence[int],
-                        order: Sequence[int],
-                        process_count: int) -> list[list[int]]:
+def balanced_assignment(
+  windows_per_trial: Sequence[int], order: Sequence[int], process_count: int
+) -> list[list[int]]:
   """Trials (taken in `order`) each to the process with fewest windows."""
   load = [0] * process_count
   out: list[list[int]] = [[] for _ in range(process_count)]
@@ -100,13 +101,16 @@ def balanced_assignment(windows_per_trial: Sequence[int],
   return out
 
 
-def contiguous_assignment(windows_per_trial: Sequence[int],
-                          process_count: int) -> list[list[int]]:
+def contiguous_assignment(
+  windows_per_trial: Sequence[int], process_count: int
+) -> list[list[int]]:
   """Contiguous runs of trials with about equal windows per process."""
   cum = np.cumsum(windows_per_trial)
   total = cum[-1] if len(cum) else 0
-  cuts = [int(np.searchsorted(cum, total * p / process_count, side="left"))
-          for p in range(1, process_count)]
+  cuts = [
+    int(np.searchsorted(cum, total * p / process_count, side="left"))
+    for p in range(1, process_count)
+  ]
   bounds = [0, *cuts, len(windows_per_trial)]
   return [list(range(bounds[p], bounds[p + 1])) for p in range(process_count)]
 
@@ -127,7 +131,7 @@ def _options(optimize: bool = True) -> tf.data.Options:
 def _seeds(seed: int, epoch: int) -> tuple[int, int, int]:
   """Trial order, window shuffle and augmentation seeds of one epoch."""
   state = np.random.SeedSequence(
-      [int(seed) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF, 0xAFF]
+    [int(seed) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF, 0xAFF]
   ).generate_state(3, np.uint32)
   return int(state[0]), int(state[1]), int(state[2]) & 0x7FFFFFFF
 
@@ -135,8 +139,15 @@ def _seeds(seed: int, epoch: int) -> tuple[int, int, int]:
 class _Reader:
   """One split's windows, read from memory or streamed from disk."""
 
-  def __init__(self, data_config: Any, paths: Any, split: str,
-               batch_size: int, process_index: int, process_count: int):
+  def __init__(
+    self,
+    data_config: Any,
+    paths: Any,
+    split: str,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+  ):
     _check_process(process_index, process_count)
     if batch_size <= 0:
       raise ValueError(f"batch_size must be > 0, got {batch_size}")
@@ -144,42 +155,56 @@ class _Reader:
     self.builder, self.meta, token = splits.open_dataset(paths)
     self.split = load_split(data_config, paths, split)
     self.keys = list(data_config.features)
-    self.starts = [stitch.window_starts(n, data_config.window_length,
-                                        data_config.hop_length)
-                   for n in self.split.trial_lengths]
+    self.starts = [
+      stitch.window_starts(n, data_config.window_length, data_config.hop_length)
+      for n in self.split.trial_lengths
+    ]
     self.windows = [len(s) for s in self.starts]
     self.first_window = np.cumsum([0, *self.windows[:-1]]).astype(np.int64)
     self.store = None
     if self.split.trial_names:
-      self.store = trials.get_store(self.builder, self.meta, token,
-                                    self.split.trial_names, self.keys,
-                                    data_config)
+      self.store = trials.get_store(
+        self.builder,
+        self.meta,
+        token,
+        self.split.trial_names,
+        self.keys,
+        data_config,
+      )
 
   def crops(self, seed: int | None) -> np.ndarray:
     """`[n_windows, 3]` training crops of the split; zeros for None/eval."""
     total = sum(self.windows)
     if seed is None or "frames" not in self.keys:
       return np.zeros((total, 3), np.int32)
-    return windows.crop_table(seed, total, splits.frame_size(self.meta)
-                              - self.config.crop_size)
+    return windows.crop_table(
+      seed, total, splits.frame_size(self.meta) - self.config.crop_size
+    )
 
   def _finish(self, train: bool):
-    return windows.finish_fn(self.config, self.split.feature_stats,
-                             train=train)
+    return windows.finish_fn(self.config, self.split.feature_stats, train=train)
 
   def _windows_of(self, order: Sequence[int]) -> tuple[np.ndarray, ...]:
     """(trial, start, split-wide window id) of the windows of `order`."""
     empty = [np.zeros(0, np.int64)]
-    trial = np.concatenate([np.full(self.windows[i], i, np.int64)
-                            for i in order] + empty)
+    trial = np.concatenate(
+      [np.full(self.windows[i], i, np.int64) for i in order] + empty
+    )
     start = np.concatenate([self.starts[i] for i in order] + empty)
-    wid = np.concatenate([self.first_window[i] + np.arange(self.windows[i])
-                          for i in order] + empty)
+    wid = np.concatenate(
+      [self.first_window[i] + np.arange(self.windows[i]) for i in order] + empty
+    )
     return trial, start, wid
 
-  def from_memory(self, order: Sequence[int], crops: np.ndarray, *,
-                  train: bool, num_batches: int,
-                  shuffle_seed: int | None = None) -> tf.data.Dataset:
+  def from_memory(
+    self,
+    order: Sequence[int],
+    crops: np.ndarray,
+    *,
+    train: bool,
+    num_batches: int,
+    shuffle_seed: int | None = None,
+  ) -> tf.data.Dataset:
     """Batches of the windows of trials `order` (all shuffled if a seed is
     given), cut to `num_batches` or padded with `trial = -1` rows."""
     trial, start, wid = self._windows_of(order)
@@ -191,71 +216,116 @@ class _Reader:
     pad = rows - n
     trial = trial[:n]
     plan = {
-        "trial": np.pad(trial, (0, pad), constant_values=-1),
-        "offset": np.pad(self.store.offsets[trial], (0, pad)),
-        "length": np.pad(self.store.lengths[trial], (0, pad)),
-        "start": np.pad(start[:n], (0, pad)),
-        "crop": np.pad(crops[wid[:n]], ((0, pad), (0, 0))),
+      "trial": np.pad(trial, (0, pad), constant_values=-1),
+      "offset": np.pad(self.store.offsets[trial], (0, pad)),
+      "length": np.pad(self.store.lengths[trial], (0, pad)),
+      "start": np.pad(start[:n], (0, pad)),
+      "crop": np.pad(crops[wid[:n]], ((0, pad), (0, 0))),
     }
-    plan = {k: v.astype(np.int32).reshape(num_batches, self.batch_size,
-                                          *v.shape[1:])
-            for k, v in plan.items()}
-    fn = windows.store_batch_fn(self.store, self.config,
-                                self.split.feature_stats, train=train,
-                                batch_size=self.batch_size)
+    plan = {
+      k: v.astype(np.int32).reshape(num_batches, self.batch_size, *v.shape[1:])
+      for k, v in plan.items()
+    }
+    fn = windows.store_batch_fn(
+      self.store,
+      self.config,
+      self.split.feature_stats,
+      train=train,
+      batch_size=self.batch_size,
+    )
     ds = tf.data.Dataset.from_tensor_slices(plan).map(
-        fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
     return ds.with_options(_options(optimize=False))
 
-  def streamed(self, order: Sequence[int], crops: np.ndarray, *,
-               train: bool, num_batches: int,
-               shuffle_seed: int | None = None) -> tf.data.Dataset:
+  def streamed(
+    self,
+    order: Sequence[int],
+    crops: np.ndarray,
+    *,
+    train: bool,
+    num_batches: int,
+    shuffle_seed: int | None = None,
+  ) -> tf.data.Dataset:
     """Like `from_memory`, reading the trials from disk: windows are mixed
     over `_TRAIN_CYCLE` trials and a shuffle buffer if a seed is given."""
     names = [self.split.trial_names[i] for i in order]
     index = {n: i for i, n in enumerate(self.split.trial_names)}
-    cut = windows.trial_windows_fn(self.config, self.keys, index,
-                                   self.first_window, crops)
-    read = (trials.read_trials(self.builder, self.meta, names, self.keys)
-            if names else None)
+    cut = windows.trial_windows_fn(
+      self.config, self.keys, index, self.first_window, crops
+    )
+    read = (
+      trials.read_trials(self.builder, self.meta, names, self.keys)
+      if names
+      else None
+    )
     if shuffle_seed is not None:
-      ds = read.interleave(cut, cycle_length=_TRAIN_CYCLE, block_length=1,
-                           num_parallel_calls=tf.data.AUTOTUNE,
-                           deterministic=True)
-      ds = ds.shuffle(self.config.get("shuffle_buffer", _SHUFFLE_WINDOWS),
-                      seed=shuffle_seed, reshuffle_each_iteration=False)
+      ds = read.interleave(
+        cut,
+        cycle_length=_TRAIN_CYCLE,
+        block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+      )
+      ds = ds.shuffle(
+        self.config.get("shuffle_buffer", _SHUFFLE_WINDOWS),
+        seed=shuffle_seed,
+        reshuffle_each_iteration=False,
+      )
     else:
       ds = read.flat_map(cut) if read is not None else None
-      pad = num_batches * self.batch_size - sum(self.windows[i]
-                                                for i in order)
+      pad = num_batches * self.batch_size - sum(self.windows[i] for i in order)
       shapes = {k: trials.frame_shape(self.builder, k) for k in self.keys}
-      dtypes = {k: tf.as_dtype(self.builder.info.features[k].np_dtype)
-                for k in self.keys}
+      dtypes = {
+        k: tf.as_dtype(self.builder.info.features[k].np_dtype)
+        for k in self.keys
+      }
       padding = tf.data.Dataset.from_tensors(
-          windows.padding_window(self.config, shapes, dtypes)).repeat(pad)
+        windows.padding_window(self.config, shapes, dtypes)
+      ).repeat(pad)
       ds = padding if ds is None else ds.concatenate(padding)
     ds = ds.batch(self.batch_size, drop_remainder=True).take(num_batches)
-    ds = ds.map(self._finish(train), num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True)
+    ds = ds.map(
+      self._finish(train),
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True,
+    )
     return ds.with_options(_options())
 
-  def batches(self, order: Sequence[int], crops: np.ndarray, *,
-              train: bool, num_batches: int,
-              shuffle_seed: int | None = None
-              ) -> Iterator[dict[str, np.ndarray]]:
+  def batches(
+    self,
+    order: Sequence[int],
+    crops: np.ndarray,
+    *,
+    train: bool,
+    num_batches: int,
+    shuffle_seed: int | None = None,
+  ) -> Iterator[dict[str, np.ndarray]]:
     make = self.from_memory if self.store is not None else self.streamed
-    ds = make(order, crops, train=train, num_batches=num_batches,
-              shuffle_seed=shuffle_seed)
+    ds = make(
+      order,
+      crops,
+      train=train,
+      num_batches=num_batches,
+      shuffle_seed=shuffle_seed,
+    )
     yield from tfds.as_numpy(ds.prefetch(_PREFETCH))
 
 
 # --------------------------------------------------------------- iterators
 
 
-def train_batches(data_config: Any, paths: Any, split: str, *,
-                  batch_size: int, epoch: int, seed: int,
-                  process_index: int = 0, process_count: int = 1
-                  ) -> Iterator[dict[str, np.ndarray]]:
+def train_batches(
+  data_config: Any,
+  paths: Any,
+  split: str,
+  *,
+  batch_size: int,
+  epoch: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
   """One epoch of shuffled, augmented training batches of this process.
 
   Args:
@@ -271,21 +341,32 @@ def train_batches(data_config: Any, paths: Any, split: str, *,
     Batches in the layout of the module docstring, `min_p(windows_p) //
     batch_size` of them (drop remainder).
   """
-  reader = _Reader(data_config, paths, split, batch_size, process_index,
-                   process_count)
+  reader = _Reader(
+    data_config, paths, split, batch_size, process_index, process_count
+  )
   order_seed, shuffle_seed, aug_seed = _seeds(seed, epoch)
   order = np.random.default_rng(order_seed).permutation(len(reader.windows))
   shards = balanced_assignment(reader.windows, order, process_count)
   steps = min(sum(reader.windows[i] for i in s) for s in shards) // batch_size
   if steps:
-    yield from reader.batches(shards[process_index], reader.crops(aug_seed),
-                              train=True, num_batches=steps,
-                              shuffle_seed=shuffle_seed)
+    yield from reader.batches(
+      shards[process_index],
+      reader.crops(aug_seed),
+      train=True,
+      num_batches=steps,
+      shuffle_seed=shuffle_seed,
+    )
 
 
-def eval_batches(data_config: Any, paths: Any, split: str, *,
-                 batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+  data_config: Any,
+  paths: Any,
+  split: str,
+  *,
+  batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
   """Every window of this process's trials once, in a fixed order.
 
   The last batch is padded with rows of `trial = -1`, `frame_index = -1`,
@@ -293,11 +374,18 @@ def eval_batches(data_config: Any, paths: Any, split: str, *,
   batches than the busiest one add whole padding batches, so all yield the
   same number.
   """
-  reader = _Reader(data_config, paths, split, batch_size, process_index,
-                   process_count)
+  reader = _Reader(
+    data_config, paths, split, batch_size, process_index, process_count
+  )
   shards = contiguous_assignment(reader.windows, process_count)
-  n_batches = max((-(-sum(reader.windows[i] for i in s) // batch_size)
-                   for s in shards), default=0)
+  n_batches = max(
+    (-(-sum(reader.windows[i] for i in s) // batch_size) for s in shards),
+    default=0,
+  )
   if n_batches:
-    yield from reader.batches(shards[process_index], reader.crops(None),
-                              train=False, num_batches=n_batches)
+    yield from reader.batches(
+      shards[process_index],
+      reader.crops(None),
+      train=False,
+      num_batches=n_batches,
+    )

@@ -42,6 +42,7 @@ _RUN_OPTIONS = ("num_workers", "test_list")
 @dataclasses.dataclass(frozen=True)
 class DataPaths:
   """Where a config's data lives (absolute paths)."""
+
   raw_dir: str
   cache_dir: str
   tfds_dir: str
@@ -49,11 +50,14 @@ class DataPaths:
 
 def resolve_paths(data_config: Any, workdir: str) -> DataPaths:
   """Config paths, '' replaced by `<workdir>/data/{raw,cache,tfds}`."""
+
   def pick(key, default):
     value = data_config.get(key, "") or os.path.join(workdir, "data", default)
     return os.path.abspath(os.path.expanduser(value))
-  return DataPaths(pick("raw_dir", "raw"), pick("cache_dir", "cache"),
-                   pick("tfds_dir", "tfds"))
+
+  return DataPaths(
+    pick("raw_dir", "raw"), pick("cache_dir", "cache"), pick("tfds_dir", "tfds")
+  )
 
 
 def _as_dict(value: Any) -> dict[str, Any]:
@@ -66,16 +70,17 @@ def _split_options(data_config: Any) -> tuple[dict, dict, dict]:
   """(generator kwargs, PreprocessSettings kwargs, preprocess() kwargs)."""
   from affjax.data import synthetic  # pylint: disable=g-import-not-at-top
   from affjax.data.preprocess import cache
-  settings_keys = {
-      f.name for f in dataclasses.fields(cache.PreprocessSettings)}
-  gen_keys = set(inspect.signature(synthetic.generate).parameters) - {
-      "out_dir"}
+
+  settings_keys = {f.name for f in dataclasses.fields(cache.PreprocessSettings)}
+  gen_keys = set(inspect.signature(synthetic.generate).parameters) - {"out_dir"}
   gen, settings, run = {}, {}, {}
-  sources = [("config.data.preprocess",
-              _as_dict(data_config.get("preprocess", None)))]
+  sources = [
+    ("config.data.preprocess", _as_dict(data_config.get("preprocess", None)))
+  ]
   if data_config.name == "synthetic":
-    sources.insert(0, ("config.data.synthetic",
-                       _as_dict(data_config.get("synthetic", None))))
+    sources.insert(
+      0, ("config.data.synthetic", _as_dict(data_config.get("synthetic", None)))
+    )
   for where, options in sources:
     for key, value in options.items():
       if isinstance(value, list):
@@ -87,10 +92,12 @@ def _split_options(data_config: Any) -> tuple[dict, dict, dict]:
       elif key in gen_keys and where == "config.data.synthetic":
         gen[key] = value
       else:
-        allowed = sorted(settings_keys | set(_RUN_OPTIONS)
-                         | (gen_keys if "synthetic" in where else set()))
-        raise ValueError(f"{where}.{key}: unknown option; allowed: "
-                         f"{allowed}")
+        allowed = sorted(
+          settings_keys
+          | set(_RUN_OPTIONS)
+          | (gen_keys if "synthetic" in where else set())
+        )
+        raise ValueError(f"{where}.{key}: unknown option; allowed: {allowed}")
   return gen, settings, run
 
 
@@ -98,19 +105,29 @@ def _run_stages(job: dict[str, Any]) -> None:
   """Generation (optional) and preprocessing; runs in a fresh interpreter."""
   from affjax.data.preprocess import cache
   from affjax.data.preprocess import run as run_lib
+
   if job["generate"] is not None:
     from affjax.data import synthetic  # pylint: disable=g-import-not-at-top
+
     synthetic.generate(job["raw_dir"], **job["generate"])
   manifest = run_lib.preprocess(
-      job["raw_dir"], job["cache_dir"],
-      cache.PreprocessSettings(**job["settings"]),
-      num_workers=int(job["num_workers"] or 1), test_list=job["test_list"])
-  logging.info("Cache %s: %d trials (%d skipped).", job["cache_dir"],
-               len(manifest["trials"]), len(manifest.get("skipped", {})))
+    job["raw_dir"],
+    job["cache_dir"],
+    cache.PreprocessSettings(**job["settings"]),
+    num_workers=int(job["num_workers"] or 1),
+    test_list=job["test_list"],
+  )
+  logging.info(
+    "Cache %s: %d trials (%d skipped).",
+    job["cache_dir"],
+    len(manifest["trials"]),
+    len(manifest.get("skipped", {})),
+  )
 
 
-_ERRORS = {e.__name__: e for e in (FileNotFoundError, ValueError, OSError,
-                                   RuntimeError)}
+_ERRORS = {
+  e.__name__: e for e in (FileNotFoundError, ValueError, OSError, RuntimeError)
+}
 
 
 def _run_stages_in_subprocess(job: dict[str, Any]) -> None:
@@ -126,21 +143,27 @@ def _run_stages_in_subprocess(job: dict[str, Any]) -> None:
     with open(job_path, "w") as f:
       json.dump(job, f)
     # The child must import this same affjax, installed or not.
-    root = os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))))
+    root = os.path.dirname(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    )
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (root, env.get("PYTHONPATH")) if p)
+      p for p in (root, env.get("PYTHONPATH")) if p
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "affjax.data.prepare", job_path, error_path],
-        check=False, env=env)
+      [sys.executable, "-m", "affjax.data.prepare", job_path, error_path],
+      check=False,
+      env=env,
+    )
     if os.path.isfile(error_path):
       with open(error_path) as f:
         err = json.load(f)
       raise _ERRORS.get(err["type"], RuntimeError)(err["message"])
     if proc.returncode:
-      raise RuntimeError(f"data preparation of {job['cache_dir']} failed "
-                         f"(exit code {proc.returncode}); see its log above")
+      raise RuntimeError(
+        f"data preparation of {job['cache_dir']} failed "
+        f"(exit code {proc.returncode}); see its log above"
+      )
 
 
 def _child_main(job_path: str, error_path: str) -> int:
@@ -173,15 +196,22 @@ def prepare(data_config: Any, workdir: str) -> DataPaths:
     ValueError: unknown data name or option; errors of the stages.
   """
   from affjax.data import affwild2  # pylint: disable=g-import-not-at-top
+
   paths = resolve_paths(data_config, workdir)
   if data_config.name not in ("synthetic", "affwild2"):
-    raise ValueError(f"config.data.name must be 'synthetic' or 'affwild2', "
-                     f"got {data_config.name!r}")
+    raise ValueError(
+      f"config.data.name must be 'synthetic' or 'affwild2', "
+      f"got {data_config.name!r}"
+    )
   gen, settings, run = _split_options(data_config)
-  job = {"generate": None, "raw_dir": paths.raw_dir,
-         "cache_dir": paths.cache_dir, "settings": settings,
-         "num_workers": run.get("num_workers"),
-         "test_list": run.get("test_list")}
+  job = {
+    "generate": None,
+    "raw_dir": paths.raw_dir,
+    "cache_dir": paths.cache_dir,
+    "settings": settings,
+    "num_workers": run.get("num_workers"),
+    "test_list": run.get("test_list"),
+  }
   if data_config.name == "synthetic":
     _run_stages_in_subprocess(dict(job, generate=gen))
   else:
@@ -190,15 +220,22 @@ def prepare(data_config: Any, workdir: str) -> DataPaths:
       _run_stages_in_subprocess(job)
     elif raw_given or not _has_cache(paths.cache_dir):
       raise FileNotFoundError(
-          f"config.data.raw_dir={paths.raw_dir!r} does not exist"
-          + ("" if raw_given else
-             f" and config.data.cache_dir={paths.cache_dir!r} holds no "
-             "manifest.json")
-          + ": point config.data.raw_dir at the Aff-Wild2 layout "
-          "(annotations/VA_Set, cropped_aligned, videos)")
+        f"config.data.raw_dir={paths.raw_dir!r} does not exist"
+        + (
+          ""
+          if raw_given
+          else f" and config.data.cache_dir={paths.cache_dir!r} holds no "
+          "manifest.json"
+        )
+        + ": point config.data.raw_dir at the Aff-Wild2 layout "
+        "(annotations/VA_Set, cropped_aligned, videos)"
+      )
     else:
-      logging.info("No raw data at %s; using the cache %s as is.",
-                   paths.raw_dir, paths.cache_dir)
+      logging.info(
+        "No raw data at %s; using the cache %s as is.",
+        paths.raw_dir,
+        paths.cache_dir,
+      )
   affwild2.build(paths.cache_dir, paths.tfds_dir)
   return paths
 

@@ -63,6 +63,7 @@ class Split:
     feature_stats: audio feature -> (mean `[D]`, std `[D]`) float32, from
       the fold's training trials.
   """
+
   name: str
   trial_names: list[str]
   trial_lengths: np.ndarray
@@ -100,8 +101,10 @@ def dataset_token(tfds_dir: str) -> tuple[Any, ...]:
 @functools.lru_cache(maxsize=4)
 def _opened(tfds_dir: str, token: tuple[Any, ...]):
   del token  # part of the cache key: a rebuilt dataset is reopened
-  return (tfds.builder_from_directory(affwild2.dataset_dir(tfds_dir)),
-          affwild2.read_metadata(tfds_dir))
+  return (
+    tfds.builder_from_directory(affwild2.dataset_dir(tfds_dir)),
+    affwild2.read_metadata(tfds_dir),
+  )
 
 
 def open_dataset(paths: Any) -> tuple[Any, dict[str, Any], tuple[Any, ...]]:
@@ -119,24 +122,35 @@ def check_config(data_config: Any, meta: dict[str, Any]) -> None:
     available.add("embeddings")
   missing = [f for f in features if f not in available]
   if missing:
-    hint = (" (run `python -m affjax.embed` on the cache, then prepare "
-            "again)" if "embeddings" in missing else "")
-    raise ValueError(f"config.data.features={features} asks for {missing}; "
-                     f"the dataset has {sorted(available)}{hint}")
+    hint = (
+      " (run `python -m affjax.embed` on the cache, then prepare again)"
+      if "embeddings" in missing
+      else ""
+    )
+    raise ValueError(
+      f"config.data.features={features} asks for {missing}; "
+      f"the dataset has {sorted(available)}{hint}"
+    )
   if sum(f in VISUAL for f in features) > 1:
-    raise ValueError(f"config.data.features={features}: use 'frames' or "
-                     "'embeddings', not both")
+    raise ValueError(
+      f"config.data.features={features}: use 'frames' or 'embeddings', not both"
+    )
   bad = [e for e in data_config.emotions if e not in EMOTION_COLUMNS]
   if bad or not data_config.emotions:
-    raise ValueError(f"config.data.emotions={tuple(data_config.emotions)}: "
-                     f"expected a non-empty subset of {tuple(EMOTION_COLUMNS)}")
+    raise ValueError(
+      f"config.data.emotions={tuple(data_config.emotions)}: "
+      f"expected a non-empty subset of {tuple(EMOTION_COLUMNS)}"
+    )
   if data_config.time_delay < 0:
-    raise ValueError(f"config.data.time_delay must be >= 0, got "
-                     f"{data_config.time_delay}")
+    raise ValueError(
+      f"config.data.time_delay must be >= 0, got {data_config.time_delay}"
+    )
   size = frame_size(meta)
   if "frames" in features and not 0 < data_config.crop_size <= size:
-    raise ValueError(f"config.data.crop_size={data_config.crop_size} must be "
-                     f"in (0, {size}] (cached frame size)")
+    raise ValueError(
+      f"config.data.crop_size={data_config.crop_size} must be "
+      f"in (0, {size}] (cached frame size)"
+    )
   stitch.window_starts(1, data_config.window_length, data_config.hop_length)
 
 
@@ -220,9 +234,12 @@ def require_trials(split: Split, paths: Any, fold: int) -> None:
   )
 
 
-def feature_stats(meta: dict[str, Any], train_names: Sequence[str],
-                  features: Sequence[str], per_dim: bool = False
-                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def feature_stats(
+  meta: dict[str, Any],
+  train_names: Sequence[str],
+  features: Sequence[str],
+  per_dim: bool = False,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Mean/std `[D]` per audio feature over the trials' labelled frames.
 
   Args:
@@ -240,8 +257,10 @@ def feature_stats(meta: dict[str, Any], train_names: Sequence[str],
     sums = [meta["trials"][n]["feature_sums"][feat] for n in train_names]
     count = float(sum(s["count"] for s in sums))
     if count < 2:
-      raise ValueError(f"feature {feat!r}: {int(count)} labelled frames in "
-                       "the fold's training trials; cannot normalise")
+      raise ValueError(
+        f"feature {feat!r}: {int(count)} labelled frames in "
+        "the fold's training trials; cannot normalise"
+      )
     total = np.sum([s["sum"] for s in sums], axis=0, dtype=np.float64)
     total_sq = np.sum([s["sumsq"] for s in sums], axis=0, dtype=np.float64)
     dim = total.shape[0]
@@ -251,8 +270,10 @@ def feature_stats(meta: dict[str, Any], train_names: Sequence[str],
     var = np.maximum(total_sq - count * mean**2, 0.0) / (count - 1)
     std = np.sqrt(var)
     std = np.where(std > 1e-8, std, 1.0)
-    out[feat] = (np.broadcast_to(mean, (dim,)).astype(np.float32),
-                 np.broadcast_to(std, (dim,)).astype(np.float32))
+    out[feat] = (
+      np.broadcast_to(mean, (dim,)).astype(np.float32),
+      np.broadcast_to(std, (dim,)).astype(np.float32),
+    )
   return out
 
 
@@ -266,8 +287,9 @@ def shift_labels(labels: np.ndarray, delay: int) -> np.ndarray:
 
 def num_windows(data_config: Any, length: int) -> int:
   """Windows of a trial of `length` frames under `data_config`."""
-  return stitch.num_windows(length, data_config.window_length,
-                            data_config.hop_length)
+  return stitch.num_windows(
+    length, data_config.window_length, data_config.hop_length
+  )
 
 
 def _labels_path(cache_dir: str, name: str) -> str:
@@ -276,27 +298,31 @@ def _labels_path(cache_dir: str, name: str) -> str:
 
 def _missing_labels(path: str) -> FileNotFoundError:
   return FileNotFoundError(
-      f"{path} not found: the cache no longer matches the TFDS dataset; "
-      "run affjax.data.prepare.prepare again")
+    f"{path} not found: the cache no longer matches the TFDS dataset; "
+    "run affjax.data.prepare.prepare again"
+  )
 
 
-def _trial_labels(path: str, columns: Sequence[int],
-                  delay: int) -> tuple[np.ndarray, np.ndarray]:
+def _trial_labels(
+  path: str, columns: Sequence[int], delay: int
+) -> tuple[np.ndarray, np.ndarray]:
   try:
     labels = np.load(path)
   except FileNotFoundError:
     raise _missing_labels(path) from None
-  labels = shift_labels(np.asarray(labels[:, list(columns)], np.float32),
-                        delay)
+  labels = shift_labels(np.asarray(labels[:, list(columns)], np.float32), delay)
   return labels, np.all(labels != INVALID_LABEL, axis=1)
 
 
 def _copy(split: Split) -> Split:
   """A Split whose containers (not arrays) are its own."""
   return dataclasses.replace(
-      split, trial_names=list(split.trial_names), labels=list(split.labels),
-      label_masks=list(split.label_masks),
-      feature_stats=dict(split.feature_stats))
+    split,
+    trial_names=list(split.trial_names),
+    labels=list(split.labels),
+    label_masks=list(split.label_masks),
+    feature_stats=dict(split.feature_stats),
+  )
 
 
 _split_memo: collections.OrderedDict = collections.OrderedDict()
@@ -324,10 +350,19 @@ def load_split(data_config: Any, paths: Any, split: str) -> Split:
   except FileNotFoundError as e:
     raise _missing_labels(e.filename) from None
   per_dim = data_config.get("normalization", "scalar") == "per_dim"
-  key = (token, paths.cache_dir, label_ids, split, data_config.fold,
-         tuple(data_config.features), tuple(data_config.emotions),
-         int(data_config.time_delay), int(data_config.window_length),
-         int(data_config.hop_length), per_dim)
+  key = (
+    token,
+    paths.cache_dir,
+    label_ids,
+    split,
+    data_config.fold,
+    tuple(data_config.features),
+    tuple(data_config.emotions),
+    int(data_config.time_delay),
+    int(data_config.window_length),
+    int(data_config.hop_length),
+    per_dim,
+  )
   with _split_lock:
     cached = _split_memo.get(key)
     if cached is not None:
@@ -340,16 +375,23 @@ def load_split(data_config: Any, paths: Any, split: str) -> Split:
   for path, length in zip(label_paths, lengths):
     lab, mask = _trial_labels(path, columns, data_config.time_delay)
     if lab.shape[0] != length:
-      raise ValueError(f"{path} has {lab.shape[0]} rows, the dataset "
-                       f"{length}: run affjax.data.prepare.prepare again")
+      raise ValueError(
+        f"{path} has {lab.shape[0]} rows, the dataset "
+        f"{length}: run affjax.data.prepare.prepare again"
+      )
     labels.append(lab)
     masks.append(mask)
   out = Split(
-      name=split, trial_names=names, trial_lengths=lengths, labels=labels,
-      label_masks=masks,
-      num_windows=sum(num_windows(data_config, n) for n in lengths),
-      feature_stats=feature_stats(meta, train_names, data_config.features,
-                                  per_dim))
+    name=split,
+    trial_names=names,
+    trial_lengths=lengths,
+    labels=labels,
+    label_masks=masks,
+    num_windows=sum(num_windows(data_config, n) for n in lengths),
+    feature_stats=feature_stats(
+      meta, train_names, data_config.features, per_dim
+    ),
+  )
   with _split_lock:
     _split_memo[key] = out
     while len(_split_memo) > _MEMO_SPLITS:

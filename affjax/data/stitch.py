@@ -35,11 +35,15 @@ def window_starts(length: int, window: int, hop: int) -> np.ndarray:
   """
   length, window, hop = int(length), int(window), int(hop)
   if length <= 0 or window <= 0 or hop <= 0:
-    raise ValueError(f"window_starts: length, window and hop must be > 0, "
-                     f"got {length}, {window}, {hop}")
+    raise ValueError(
+      f"window_starts: length, window and hop must be > 0, "
+      f"got {length}, {window}, {hop}"
+    )
   if hop > window:
-    raise ValueError(f"hop_length {hop} > window_length {window} would skip "
-                     f"frames between windows")
+    raise ValueError(
+      f"hop_length {hop} > window_length {window} would skip "
+      f"frames between windows"
+    )
   if length <= window:
     return np.zeros(1, np.int64)
   regular = np.arange(0, length - window, hop, dtype=np.int64)
@@ -51,10 +55,12 @@ def num_windows(length: int, window: int, hop: int) -> int:
   return len(window_starts(length, window, hop))
 
 
-def stitch_windows(preds: np.ndarray, trial: np.ndarray,
-                   frame_index: np.ndarray,
-                   trial_lengths: Sequence[int] | np.ndarray
-                   ) -> list[np.ndarray]:
+def stitch_windows(
+  preds: np.ndarray,
+  trial: np.ndarray,
+  frame_index: np.ndarray,
+  trial_lengths: Sequence[int] | np.ndarray,
+) -> list[np.ndarray]:
   """Per-trial series from window outputs, averaging overlapping windows.
 
   Args:
@@ -76,22 +82,29 @@ def stitch_windows(preds: np.ndarray, trial: np.ndarray,
   trial = np.asarray(trial).astype(np.int64)
   frame_index = np.asarray(frame_index).astype(np.int64)
   lengths = np.asarray(trial_lengths, np.int64).reshape(-1)
-  if (preds.ndim != 3 or trial.shape != preds.shape[:1]
-      or frame_index.shape != preds.shape[:2]):
+  if (
+    preds.ndim != 3
+    or trial.shape != preds.shape[:1]
+    or frame_index.shape != preds.shape[:2]
+  ):
     raise ValueError(
-        f"stitch_windows: expected preds [N, T, C], trial [N], frame_index "
-        f"[N, T]; got {preds.shape}, {trial.shape}, {frame_index.shape}")
+      f"stitch_windows: expected preds [N, T, C], trial [N], frame_index "
+      f"[N, T]; got {preds.shape}, {trial.shape}, {frame_index.shape}"
+    )
   rows = np.broadcast_to(trial[:, None], frame_index.shape)
   real = (rows >= 0) & (frame_index >= 0)
   rows, frames, values = rows[real], frame_index[real], preds[real]
   if rows.size and rows.max() >= len(lengths):
-    raise ValueError(f"stitch_windows: trial index {rows.max()} but only "
-                     f"{len(lengths)} trial lengths")
+    raise ValueError(
+      f"stitch_windows: trial index {rows.max()} but only "
+      f"{len(lengths)} trial lengths"
+    )
   if rows.size and np.any(frames >= lengths[rows]):
     bad = np.flatnonzero(frames >= lengths[rows])[0]
     raise ValueError(
-        f"stitch_windows: frame {frames[bad]} of trial {rows[bad]} is beyond "
-        f"its length {lengths[rows[bad]]}")
+      f"stitch_windows: frame {frames[bad]} of trial {rows[bad]} is beyond "
+      f"its length {lengths[rows[bad]]}"
+    )
   offsets = np.concatenate([[0], np.cumsum(lengths)])
   flat = offsets[rows] + frames
   n_channels = preds.shape[2]
@@ -101,11 +114,12 @@ def stitch_windows(preds: np.ndarray, trial: np.ndarray,
   np.add.at(counts, flat, 1)
   out = []
   for i, length in enumerate(lengths):
-    c = counts[offsets[i]:offsets[i + 1]]
+    c = counts[offsets[i] : offsets[i + 1]]
     if length and not c.all():
       raise ValueError(
-          f"stitch_windows: trial {i}: {int((c == 0).sum())} of {length} "
-          f"frames are covered by no window (first: frame "
-          f"{int(np.flatnonzero(c == 0)[0])})")
-    out.append(sums[offsets[i]:offsets[i + 1]] / np.maximum(c, 1)[:, None])
+        f"stitch_windows: trial {i}: {int((c == 0).sum())} of {length} "
+        f"frames are covered by no window (first: frame "
+        f"{int(np.flatnonzero(c == 0)[0])})"
+      )
+    out.append(sums[offsets[i] : offsets[i + 1]] / np.maximum(c, 1)[:, None])
   return out

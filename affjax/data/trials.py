@@ -39,8 +39,9 @@ DEFAULT_MEMORY_FRACTION = 0.4
 _MAX_STORES = 8
 
 
-def read_trials(builder: Any, meta: dict[str, Any], names: Sequence[str],
-                keep: Sequence[str]) -> tf.data.Dataset:
+def read_trials(
+  builder: Any, meta: dict[str, Any], names: Sequence[str], keep: Sequence[str]
+) -> tf.data.Dataset:
   """The trials `names`, in this order, reading only their own records.
 
   Runs of consecutive examples of one split become one read instruction
@@ -56,10 +57,11 @@ def read_trials(builder: Any, meta: dict[str, Any], names: Sequence[str],
       runs.append([t["split"], t["index"], t["index"] + 1])
   wanted = {k: True for k in (*keep, LABELS, "trial")}
   return builder.as_dataset(
-      split="+".join(f"{s}[{a}:{b}]" for s, a, b in runs),
-      shuffle_files=False, decoders=tfds.decode.PartialDecoding(wanted),
-      read_config=tfds.ReadConfig(try_autocache=False,
-                                  interleave_cycle_length=1))
+    split="+".join(f"{s}[{a}:{b}]" for s, a, b in runs),
+    shuffle_files=False,
+    decoders=tfds.decode.PartialDecoding(wanted),
+    read_config=tfds.ReadConfig(try_autocache=False, interleave_cycle_length=1),
+  )
 
 
 def frame_shape(builder: Any, key: str) -> tuple[int, ...]:
@@ -103,31 +105,36 @@ class TrialStore:
     nbytes: memory held.
     functions: traced batch functions over this store (`windows`).
   """
+
   arrays: dict[str, tf.Variable]
   offsets: np.ndarray
   lengths: np.ndarray
   sentinel: int
   nbytes: int
-  functions: dict[Any, Any] = dataclasses.field(default_factory=dict,
-                                                compare=False)
+  functions: dict[Any, Any] = dataclasses.field(
+    default_factory=dict, compare=False
+  )
 
 
-def load_store(builder: Any, meta: dict[str, Any], names: Sequence[str],
-               keys: Sequence[str]) -> TrialStore:
+def load_store(
+  builder: Any, meta: dict[str, Any], names: Sequence[str], keys: Sequence[str]
+) -> TrialStore:
   """Decodes the trials `names` (in order) into a new `TrialStore`.
 
   Raises:
     ValueError: the dataset's trials disagree with its metadata.
   """
-  lengths = np.array([meta["trials"][n]["n_frames"] for n in names],
-                     np.int64)
+  lengths = np.array([meta["trials"][n]["n_frames"] for n in names], np.int64)
   offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
   total = int(lengths.sum())
   arrays = {}
   for k in (*keys, LABELS):
     shape = (total + 1, *frame_shape(builder, k))
-    init = (tf.fill(shape, tf.constant(splits.INVALID_LABEL, tf.float32))
-            if k == LABELS else tf.zeros(shape, _dtype(builder, k)))
+    init = (
+      tf.fill(shape, tf.constant(splits.INVALID_LABEL, tf.float32))
+      if k == LABELS
+      else tf.zeros(shape, _dtype(builder, k))
+    )
     arrays[k] = tf.Variable(init, trainable=False)
     del init
   ds = read_trials(builder, meta, names, keys) if names else []
@@ -137,31 +144,43 @@ def load_store(builder: Any, meta: dict[str, Any], names: Sequence[str],
     n = int(tf.shape(ex[LABELS])[0])
     if i >= len(names) or name != names[i] or n != lengths[i]:
       raise ValueError(
-          f"{builder.data_dir}: example {i} is trial {name!r} of {n} "
-          f"frames, the metadata expects "
-          f"{names[i] if i < len(names) else None!r} of "
-          f"{lengths[i] if i < len(names) else None} frames; rebuild it "
-          "with affjax.data.prepare.prepare")
+        f"{builder.data_dir}: example {i} is trial {name!r} of {n} "
+        f"frames, the metadata expects "
+        f"{names[i] if i < len(names) else None!r} of "
+        f"{lengths[i] if i < len(names) else None} frames; rebuild it "
+        "with affjax.data.prepare.prepare"
+      )
     # A scatter is a row copy; a strided-slice assign is ~100x slower.
     rows = tf.range(int(offsets[i]), int(offsets[i]) + n)
     for k in (*keys, LABELS):
       arrays[k].scatter_update(tf.IndexedSlices(ex[k], rows))
     count += 1
   if count != len(names):
-    raise ValueError(f"{builder.data_dir}: read {count} of {len(names)} "
-                     "trials; rebuild it with affjax.data.prepare.prepare")
-  return TrialStore(arrays=arrays, offsets=offsets, lengths=lengths,
-                    sentinel=total,
-                    nbytes=(total + 1) * row_bytes(builder, keys))
+    raise ValueError(
+      f"{builder.data_dir}: read {count} of {len(names)} "
+      "trials; rebuild it with affjax.data.prepare.prepare"
+    )
+  return TrialStore(
+    arrays=arrays,
+    offsets=offsets,
+    lengths=lengths,
+    sentinel=total,
+    nbytes=(total + 1) * row_bytes(builder, keys),
+  )
 
 
 _stores: collections.OrderedDict = collections.OrderedDict()
 _lock = threading.Lock()
 
 
-def get_store(builder: Any, meta: dict[str, Any], token: Any,
-              names: Sequence[str], keys: Sequence[str],
-              data_config: Any) -> TrialStore | None:
+def get_store(
+  builder: Any,
+  meta: dict[str, Any],
+  token: Any,
+  names: Sequence[str],
+  keys: Sequence[str],
+  data_config: Any,
+) -> TrialStore | None:
   """The memoised store of `names`/`keys`, or None if over the budget.
 
   Older stores are dropped (least recently used first) to make room; a
@@ -170,20 +189,28 @@ def get_store(builder: Any, meta: dict[str, Any], token: Any,
   """
   budget = budget_bytes(data_config)
   need = (sum(meta["trials"][n]["n_frames"] for n in names) + 1) * row_bytes(
-      builder, keys)
+    builder, keys
+  )
   if need > budget:
     logging.log_first_n(
-        logging.INFO, "Trials need %.2f GB > memory budget %.2f GB "
-        "(config.data.memory_cache_gb): streaming them from %s.", 4,
-        need / 2**30, budget / 2**30, builder.data_dir)
+      logging.INFO,
+      "Trials need %.2f GB > memory budget %.2f GB "
+      "(config.data.memory_cache_gb): streaming them from %s.",
+      4,
+      need / 2**30,
+      budget / 2**30,
+      builder.data_dir,
+    )
     return None
   key = (token, tuple(names), tuple(keys))
   with _lock:
     if key in _stores:
       _stores.move_to_end(key)
       return _stores[key]
-    while _stores and (len(_stores) >= _MAX_STORES or sum(
-        s.nbytes for s in _stores.values()) + need > budget):
+    while _stores and (
+      len(_stores) >= _MAX_STORES
+      or sum(s.nbytes for s in _stores.values()) + need > budget
+    ):
       _stores.popitem(last=False)
     store = load_store(builder, meta, names, keys)
     _stores[key] = store

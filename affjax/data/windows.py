@@ -35,9 +35,14 @@ from affjax.data.trials import LABELS
 Stats = Mapping[str, tuple[np.ndarray, np.ndarray]]
 
 
-def window_rows(offset: tf.Tensor, length: tf.Tensor, start: tf.Tensor,
-                window: int, delay: int, sentinel: tf.Tensor | int
-                ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def window_rows(
+  offset: tf.Tensor,
+  length: tf.Tensor,
+  start: tf.Tensor,
+  window: int,
+  delay: int,
+  sentinel: tf.Tensor | int,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
   """Data rows of windows: int32 `[B]` -> three int32 `[B, window]`.
 
   Args:
@@ -56,17 +61,23 @@ def window_rows(offset: tf.Tensor, length: tf.Tensor, start: tf.Tensor,
   frame_index = tf.where(real, t, -1)
   rows = tf.where(real, offset[:, None] + t, sentinel)
   last = tf.maximum(length - 1, 0)[:, None]
-  label_rows = tf.where(real, offset[:, None] + tf.minimum(t + delay, last),
-                        sentinel)
+  label_rows = tf.where(
+    real, offset[:, None] + tf.minimum(t + delay, last), sentinel
+  )
   return frame_index, rows, label_rows
 
 
-def _gather(arrays: Mapping[str, Any], keys: Sequence[str],
-            columns: Sequence[int], rows: tf.Tensor,
-            label_rows: tf.Tensor) -> dict[str, tf.Tensor]:
+def _gather(
+  arrays: Mapping[str, Any],
+  keys: Sequence[str],
+  columns: Sequence[int],
+  rows: tf.Tensor,
+  label_rows: tf.Tensor,
+) -> dict[str, tf.Tensor]:
   raw = {k: tf.gather(arrays[k], rows) for k in keys}
-  raw["label"] = tf.gather(tf.gather(arrays[LABELS], label_rows),
-                           list(columns), axis=-1)
+  raw["label"] = tf.gather(
+    tf.gather(arrays[LABELS], label_rows), list(columns), axis=-1
+  )
   return raw
 
 
@@ -74,8 +85,9 @@ def _columns(data_config: Any) -> list[int]:
   return [splits.EMOTION_COLUMNS[e] for e in data_config.emotions]
 
 
-def store_batch_fn(store: Any, data_config: Any, stats: Stats, *,
-                   train: bool, batch_size: int):
+def store_batch_fn(
+  store: Any, data_config: Any, stats: Stats, *, train: bool, batch_size: int
+):
   """Plan of one batch -> finished batch, gathered from an in-memory store.
 
   The plan holds int32 `[B]` `trial`, `offset`, `length`, `start` and
@@ -85,10 +97,16 @@ def store_batch_fn(store: Any, data_config: Any, stats: Stats, *,
   keys = list(data_config.features)
   window, delay = int(data_config.window_length), int(data_config.time_delay)
   columns = _columns(data_config)
-  key = (tuple(keys), window, delay, tuple(columns),
-         int(data_config.crop_size), train, int(batch_size),
-         tuple((k, m.tobytes(), s.tobytes()) for k, (m, s) in
-               sorted(stats.items())))
+  key = (
+    tuple(keys),
+    window,
+    delay,
+    tuple(columns),
+    int(data_config.crop_size),
+    train,
+    int(batch_size),
+    tuple((k, m.tobytes(), s.tobytes()) for k, (m, s) in sorted(stats.items())),
+  )
   if key in store.functions:
     return store.functions[key]
   arrays, sentinel = store.arrays, store.sentinel
@@ -96,24 +114,30 @@ def store_batch_fn(store: Any, data_config: Any, stats: Stats, *,
 
   def fn(plan):
     frame_index, rows, label_rows = window_rows(
-        plan["offset"], plan["length"], plan["start"], window, delay,
-        sentinel)
+      plan["offset"], plan["length"], plan["start"], window, delay, sentinel
+    )
     raw = _gather(arrays, keys, columns, rows, label_rows)
-    raw.update(frame_index=frame_index, trial=plan["trial"],
-               crop=plan["crop"])
+    raw.update(frame_index=frame_index, trial=plan["trial"], crop=plan["crop"])
     return finish(raw)
 
-  spec = {k: tf.TensorSpec([batch_size], tf.int32)
-          for k in ("trial", "offset", "length", "start")}
+  spec = {
+    k: tf.TensorSpec([batch_size], tf.int32)
+    for k in ("trial", "offset", "length", "start")
+  }
   spec["crop"] = tf.TensorSpec([batch_size, 3], tf.int32)
-  store.functions[key] = tf.function(fn, input_signature=[spec],
-                                     autograph=False)
+  store.functions[key] = tf.function(
+    fn, input_signature=[spec], autograph=False
+  )
   return store.functions[key]
 
 
-def trial_windows_fn(data_config: Any, keys: Sequence[str],
-                     trial_index: Mapping[str, int], window_base: np.ndarray,
-                     crops: np.ndarray):
+def trial_windows_fn(
+  data_config: Any,
+  keys: Sequence[str],
+  trial_index: Mapping[str, int],
+  window_base: np.ndarray,
+  crops: np.ndarray,
+):
   """Trial example (read from disk) -> dataset of its raw windows.
 
   Args:
@@ -128,10 +152,12 @@ def trial_windows_fn(data_config: Any, keys: Sequence[str],
   delay = int(data_config.time_delay)
   columns = _columns(data_config)
   table = tf.lookup.StaticHashTable(
-      tf.lookup.KeyValueTensorInitializer(
-          tf.constant(list(trial_index), tf.string),
-          tf.constant(list(trial_index.values()), tf.int32)),
-      default_value=-1)
+    tf.lookup.KeyValueTensorInitializer(
+      tf.constant(list(trial_index), tf.string),
+      tf.constant(list(trial_index.values()), tf.int32),
+    ),
+    default_value=-1,
+  )
   base = tf.constant(np.asarray(window_base, np.int32))
   crop_rows = tf.constant(np.asarray(crops, np.int32).reshape(-1, 3))
 
@@ -141,31 +167,44 @@ def trial_windows_fn(data_config: Any, keys: Sequence[str],
     starts = tf.concat([tf.range(0, last, hop, dtype=tf.int32), [last]], 0)
     n = tf.shape(starts)[0]
     # One sentinel row after the trial, read by padding positions.
-    arrays = {k: tf.concat([ex[k], tf.zeros_like(ex[k][:1])], 0)
-              for k in keys}
+    arrays = {k: tf.concat([ex[k], tf.zeros_like(ex[k][:1])], 0) for k in keys}
     arrays[LABELS] = tf.concat(
-        [ex[LABELS], tf.fill([1, 2], splits.INVALID_LABEL)], 0)
+      [ex[LABELS], tf.fill([1, 2], splits.INVALID_LABEL)], 0
+    )
     frame_index, rows, label_rows = window_rows(
-        tf.zeros([n], tf.int32), tf.fill([n], length), starts, window,
-        delay, length)
+      tf.zeros([n], tf.int32),
+      tf.fill([n], length),
+      starts,
+      window,
+      delay,
+      length,
+    )
     raw = _gather(arrays, keys, columns, rows, label_rows)
     trial = table.lookup(ex["trial"])
-    raw.update(frame_index=frame_index, trial=tf.fill([n], trial),
-               crop=tf.gather(crop_rows, base[trial] + tf.range(n)))
+    raw.update(
+      frame_index=frame_index,
+      trial=tf.fill([n], trial),
+      crop=tf.gather(crop_rows, base[trial] + tf.range(n)),
+    )
     return tf.data.Dataset.from_tensor_slices(raw)
 
   return fn
 
 
-def padding_window(data_config: Any, shapes: Mapping[str, tuple[int, ...]],
-                   dtypes: Mapping[str, tf.DType]) -> dict[str, tf.Tensor]:
+def padding_window(
+  data_config: Any,
+  shapes: Mapping[str, tuple[int, ...]],
+  dtypes: Mapping[str, tf.DType],
+) -> dict[str, tf.Tensor]:
   """A raw window of `trial = -1` (fills the last evaluation batch)."""
   t = int(data_config.window_length)
   raw = {k: tf.zeros((t, *shapes[k]), dtypes[k]) for k in shapes}
   raw.update(
-      label=tf.fill([t, len(data_config.emotions)], splits.INVALID_LABEL),
-      frame_index=tf.fill([t], -1), trial=tf.constant(-1, tf.int32),
-      crop=tf.zeros([3], tf.int32))
+    label=tf.fill([t, len(data_config.emotions)], splits.INVALID_LABEL),
+    frame_index=tf.fill([t], -1),
+    trial=tf.constant(-1, tf.int32),
+    crop=tf.zeros([3], tf.int32),
+  )
   return raw
 
 
@@ -182,8 +221,9 @@ def crop_table(seed: int, num_windows: int, max_offset: int) -> np.ndarray:
   return np.concatenate([offsets, flips[:, None]], 1).astype(np.int32)
 
 
-def _crops(frames: tf.Tensor, offsets: tf.Tensor | None, size: int
-           ) -> tf.Tensor:
+def _crops(
+  frames: tf.Tensor, offsets: tf.Tensor | None, size: int
+) -> tf.Tensor:
   """`[B, T, S, S, 3]` -> `[B, T, size, size, 3]`.
 
   Args:
@@ -194,26 +234,31 @@ def _crops(frames: tf.Tensor, offsets: tf.Tensor | None, size: int
   """
   batch, length, side, _, channels = frames.shape
   if batch is None or length is None:
-    raise ValueError(f"crops need static batch and window sizes, got "
-                     f"frames of shape {frames.shape}")
+    raise ValueError(
+      f"crops need static batch and window sizes, got "
+      f"frames of shape {frames.shape}"
+    )
   # Pixels and channels as one axis: a crop row is then one contiguous run
   # of bytes (slicing the 5-d uint8 tensor copies byte by byte, ~2x slower).
   rows = tf.reshape(frames, [batch, length, side, side * channels])
   if offsets is None:
     # torchvision CenterCrop: offset round((S - size) / 2).
     c = round((side - size) / 2)
-    out = rows[:, :, c:c + size, c * channels:(c + size) * channels]
+    out = rows[:, :, c : c + size, c * channels : (c + size) * channels]
     return tf.reshape(out, [batch, length, size, size, channels])
   out = []
   for b in range(batch):
-    w = tf.slice(rows[b], tf.stack([0, offsets[b, 0],
-                                    offsets[b, 1] * channels]),
-                 [length, size, size * channels])
+    w = tf.slice(
+      rows[b],
+      tf.stack([0, offsets[b, 0], offsets[b, 1] * channels]),
+      [length, size, size * channels],
+    )
     # Mirror the pixel order of each row (a 3-d reverse: ~3x faster than
     # reversing axis 2 of the 4-d window).
     w = tf.reshape(w, [length * size, size, channels])
-    w = tf.cond(offsets[b, 2] > 0, lambda w=w: tf.reverse(w, [1]),
-                lambda w=w: w)
+    w = tf.cond(
+      offsets[b, 2] > 0, lambda w=w: tf.reverse(w, [1]), lambda w=w: w
+    )
     out.append(tf.reshape(w, [length, size, size, channels]))
   return tf.stack(out)
 
@@ -233,9 +278,12 @@ def finish_fn(data_config: Any, stats: Stats, *, train: bool):
   def fn(raw):
     real = raw["frame_index"] >= 0
     mask = tf.reduce_all(raw["label"] != splits.INVALID_LABEL, -1) & real
-    out = {"label": tf.where(mask[..., None], raw["label"], 0.0),
-           "mask": mask, "frame_index": raw["frame_index"],
-           "trial": raw["trial"]}
+    out = {
+      "label": tf.where(mask[..., None], raw["label"], 0.0),
+      "mask": mask,
+      "frame_index": raw["frame_index"],
+      "trial": raw["trial"],
+    }
     for k in features:
       x = raw[k]
       if k == "frames":

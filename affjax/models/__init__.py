@@ -1,8 +1,6 @@
 """Flax models: TCN, leader-follower fusion, full audio-visual models."""
 
-from affjax.models.av_model import AVLeaderFollower
-from affjax.models.av_model import build_model
-from affjax.models.av_model import VisualOnly
+from affjax.models.av_model import AVLeaderFollower, VisualOnly, build_model
 from affjax.models.fusion import LeaderFollowerFusion
 from affjax.models.tcn import TemporalConvNet
 

@@ -19,8 +19,7 @@ import flax.linen as nn
 import jax
 
 from affjax.models import fusion as fusion_lib
-from affjax.models import iresnet
-from affjax.models import tcn
+from affjax.models import iresnet, tcn
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -210,14 +209,14 @@ def build_model(model_config: Any) -> nn.Module:
   backbone = (
     build_backbone(model_config.backbone) if visual_input == "frames" else None
   )
-  common = dict(
-    backbone=backbone,
-    visual_input=visual_input,
-    visual_channels=tuple(model_config.visual_channels),
-    kernel_size=int(model_config.kernel_size),
-    dropout=float(model_config.dropout),
-    num_outputs=int(model_config.num_outputs),
-  )
+  common = {
+    "backbone": backbone,
+    "visual_input": visual_input,
+    "visual_channels": tuple(model_config.visual_channels),
+    "kernel_size": int(model_config.kernel_size),
+    "dropout": float(model_config.dropout),
+    "num_outputs": int(model_config.num_outputs),
+  }
   if model_config.name == "visual_only":
     return VisualOnly(**common)
   if model_config.name == "av_leader_follower":

@@ -13,8 +13,8 @@ leader uses its TCN features for all three. `follower_qv_from_keys=False`
 gives the textbook variant (all three encoders on the stream features).
 """
 
-from collections.abc import Mapping, Sequence
 import math
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax

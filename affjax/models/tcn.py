@@ -12,8 +12,8 @@ first). Weight-normalised kernels are stored as `v` with layout
 (`[out, in, kernel]`) and `weight_g` (`[out, 1, 1]`) convert exactly.
 """
 
-from collections.abc import Sequence
 import math
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax

@@ -40,10 +40,10 @@ import numpy as np
 NUM_FRAMES = 96
 NUM_BANDS = 64
 EMBEDDING_SIZE = 128
-CONV_NAMES = ('conv1', 'conv2', 'conv3_1', 'conv3_2', 'conv4_1', 'conv4_2')
-FC_NAMES = ('fc1_1', 'fc1_2')
+CONV_NAMES = ("conv1", "conv2", "conv3_1", "conv3_2", "conv4_1", "conv4_2")
+FC_NAMES = ("fc1_1", "fc1_2")
 # Layers followed by a 2x2 max-pool.
-_POOL_AFTER = ('conv1', 'conv2', 'conv3_2', 'conv4_2')
+_POOL_AFTER = ("conv1", "conv2", "conv3_2", "conv4_2")
 # AudioSet quantisation range of the PCA-whitened embedding.
 QUANTIZE_MIN = -2.0
 QUANTIZE_MAX = 2.0
@@ -61,6 +61,7 @@ class VGGish(nn.Module):
     embedding_size: width of the fc2 embedding layer.
     final_relu: apply ReLU to the embedding (torch port) or not (TF model).
   """
+
   conv_widths: Sequence[int] = (64, 128, 256, 256, 512, 512)
   fc_widths: Sequence[int] = (4096, 4096)
   embedding_size: int = EMBEDDING_SIZE
@@ -81,39 +82,44 @@ class VGGish(nn.Module):
     if x.ndim == 3:
       x = x[..., None]
     for name, width in zip(CONV_NAMES, self.conv_widths, strict=True):
-      x = nn.relu(nn.Conv(width, (3, 3), padding='SAME', name=name)(x))
+      x = nn.relu(nn.Conv(width, (3, 3), padding="SAME", name=name)(x))
       if name in _POOL_AFTER:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
+        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
     x = x.reshape(x.shape[0], -1)  # NHWC flatten, as slim.flatten.
     for name, width in zip(FC_NAMES, self.fc_widths, strict=True):
       x = nn.relu(nn.Dense(width, name=name)(x))
-    x = nn.Dense(self.embedding_size, name='fc2')(x)
+    x = nn.Dense(self.embedding_size, name="fc2")(x)
     return nn.relu(x) if self.final_relu else x
 
 
 # Small variant for tests: same layers and names, narrow widths.
-_TINY = {'conv_widths': (4, 8, 8, 8, 8, 8), 'fc_widths': (16, 16)}
+_TINY = {"conv_widths": (4, 8, 8, 8, 8, 8), "fc_widths": (16, 16)}
 
 
 def module_from_params(params: Params, final_relu: bool = False) -> VGGish:
   """The `VGGish` whose widths match `params` (full size or a narrow one)."""
   try:
-    convs = tuple(int(params[n]['kernel'].shape[-1]) for n in CONV_NAMES)
-    fcs = tuple(int(params[n]['kernel'].shape[-1]) for n in FC_NAMES)
-    emb = int(params['fc2']['kernel'].shape[-1])
+    convs = tuple(int(params[n]["kernel"].shape[-1]) for n in CONV_NAMES)
+    fcs = tuple(int(params[n]["kernel"].shape[-1]) for n in FC_NAMES)
+    emb = int(params["fc2"]["kernel"].shape[-1])
   except KeyError as e:
-    raise KeyError(f'VGGish params lack layer {e}; have '
-                   f'{sorted(params)}.') from e
-  return VGGish(conv_widths=convs, fc_widths=fcs, embedding_size=emb,
-                final_relu=final_relu)
+    raise KeyError(
+      f"VGGish params lack layer {e}; have {sorted(params)}."
+    ) from e
+  return VGGish(
+    conv_widths=convs, fc_widths=fcs, embedding_size=emb, final_relu=final_relu
+  )
 
 
 def _param_shapes(model: VGGish) -> dict[str, dict[str, tuple[int, ...]]]:
   x = jax.ShapeDtypeStruct((1, NUM_FRAMES, NUM_BANDS, 1), jnp.float32)
-  shapes = jax.eval_shape(
-      lambda x: model.init(jax.random.PRNGKey(0), x), x)['params']
-  return {layer: {leaf: tuple(s.shape) for leaf, s in leaves.items()}
-          for layer, leaves in shapes.items()}
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)[
+    "params"
+  ]
+  return {
+    layer: {leaf: tuple(s.shape) for leaf, s in leaves.items()}
+    for layer, leaves in shapes.items()
+  }
 
 
 def init_params(seed: int = 0, *, tiny: bool = False) -> dict[str, Any]:
@@ -126,13 +132,15 @@ def init_params(seed: int = 0, *, tiny: bool = False) -> dict[str, Any]:
   shapes = _param_shapes(VGGish(**_TINY) if tiny else VGGish())
   rng = np.random.default_rng(seed)
   params = {}
-  for layer in CONV_NAMES + FC_NAMES + ('fc2',):  # Fixed draw order.
-    kernel_shape = shapes[layer]['kernel']
+  for layer in CONV_NAMES + FC_NAMES + ("fc2",):  # Fixed draw order.
+    kernel_shape = shapes[layer]["kernel"]
     fan_in = int(np.prod(kernel_shape[:-1]))
     kernel = rng.standard_normal(kernel_shape, dtype=np.float32)
     kernel *= np.float32(1.0 / np.sqrt(fan_in))
-    params[layer] = {'kernel': kernel,
-                     'bias': np.zeros(shapes[layer]['bias'], np.float32)}
+    params[layer] = {
+      "kernel": kernel,
+      "bias": np.zeros(shapes[layer]["bias"], np.float32),
+    }
   return params
 
 
@@ -148,11 +156,16 @@ def default_params() -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=8)
 def _apply_fn(model: VGGish) -> Callable[[Params, jax.Array], jax.Array]:
-  return jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+  return jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
 
 
-def embed(examples: np.ndarray, params: Params | None = None, *,
-          batch_size: int = 64, final_relu: bool = False) -> np.ndarray:
+def embed(
+  examples: np.ndarray,
+  params: Params | None = None,
+  *,
+  batch_size: int = 64,
+  final_relu: bool = False,
+) -> np.ndarray:
   """Embeds `[N, 96, 64]` examples in fixed-size jitted batches.
 
   Batches are padded to one shape (the smallest power of two >= N, capped at
@@ -167,8 +180,10 @@ def embed(examples: np.ndarray, params: Params | None = None, *,
   if examples.ndim == 3:
     examples = examples[..., None]
   if examples.shape[1:] != (NUM_FRAMES, NUM_BANDS, 1):
-    raise ValueError(f'VGGish examples must be [N, {NUM_FRAMES}, '
-                     f'{NUM_BANDS}(, 1)], got {examples.shape}.')
+    raise ValueError(
+      f"VGGish examples must be [N, {NUM_FRAMES}, "
+      f"{NUM_BANDS}(, 1)], got {examples.shape}."
+    )
   model = module_from_params(params, final_relu=final_relu)
   n = examples.shape[0]
   if n == 0:
@@ -178,17 +193,18 @@ def embed(examples: np.ndarray, params: Params | None = None, *,
   params = jax.device_put(params)
   out = []
   for start in range(0, n, bs):
-    chunk = examples[start:start + bs]
+    chunk = examples[start : start + bs]
     pad = bs - chunk.shape[0]
     if pad:
-      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:],
-                                              np.float32)])
-    out.append(np.asarray(apply(params, chunk))[:bs - pad])
+      chunk = np.concatenate(
+        [chunk, np.zeros((pad,) + chunk.shape[1:], np.float32)]
+      )
+    out.append(np.asarray(apply(params, chunk))[: bs - pad])
   return np.concatenate(out).astype(np.float32, copy=False)
 
 
 def _as_numpy(value: Any) -> np.ndarray:
-  if hasattr(value, 'detach'):  # torch.Tensor, without importing torch.
+  if hasattr(value, "detach"):  # torch.Tensor, without importing torch.
     value = value.detach().cpu().numpy()
   return np.asarray(value, np.float32)
 
@@ -200,28 +216,41 @@ def _check_against_init(params: dict[str, Any], source: str) -> None:
     for leaf, shape in leaves.items():
       got = tuple(params[layer][leaf].shape)
       if got != shape:
-        raise ValueError(f'{source}: {layer}/{leaf} has shape {got}, the '
-                         f'architecture needs {shape}.')
+        raise ValueError(
+          f"{source}: {layer}/{leaf} has shape {got}, the "
+          f"architecture needs {shape}."
+        )
 
 
 def _take(source: Mapping[str, Any], key: str, what: str) -> np.ndarray:
   if key not in source:
-    raise KeyError(f'{what} lacks key {key!r}; it has {sorted(source)}.')
+    raise KeyError(f"{what} lacks key {key!r}; it has {sorted(source)}.")
   return _as_numpy(source[key])
 
 
 # torch port: Sequential indices of the convs in `features` and of the
 # Linears in `embeddings`.
-_TORCH_KEYS = dict(zip(CONV_NAMES, ('features.0', 'features.3', 'features.6',
-                                    'features.8', 'features.11',
-                                    'features.13')))
-_TORCH_KEYS.update(fc1_1='embeddings.0', fc1_2='embeddings.2',
-                   fc2='embeddings.4')
+_TORCH_KEYS = dict(
+  zip(
+    CONV_NAMES,
+    (
+      "features.0",
+      "features.3",
+      "features.6",
+      "features.8",
+      "features.11",
+      "features.13",
+    ),
+  )
+)
+_TORCH_KEYS.update(
+  fc1_1="embeddings.0", fc1_2="embeddings.2", fc2="embeddings.4"
+)
 
 
-def params_from_torch_state_dict(state_dict: Mapping[str, Any], *,
-                                 prefix: str = '',
-                                 strict: bool = True) -> dict[str, Any]:
+def params_from_torch_state_dict(
+  state_dict: Mapping[str, Any], *, prefix: str = "", strict: bool = True
+) -> dict[str, Any]:
   """Flax params from a harritaylor/torchvggish `VGG` state_dict.
 
   Args:
@@ -239,33 +268,45 @@ def params_from_torch_state_dict(state_dict: Mapping[str, Any], *,
     KeyError: a needed key is missing (named). ValueError: unexpected keys
     or inconsistent shapes (named).
   """
-  what = 'torch VGGish state_dict'
+  what = "torch VGGish state_dict"
   params = {}
   for name, tkey in _TORCH_KEYS.items():
-    w = _take(state_dict, f'{prefix}{tkey}.weight', what)
-    b = _take(state_dict, f'{prefix}{tkey}.bias', what)
+    w = _take(state_dict, f"{prefix}{tkey}.weight", what)
+    b = _take(state_dict, f"{prefix}{tkey}.bias", what)
     # Conv2d [out, in, kh, kw] → HWIO; Linear [out, in] → [in, out].
     kernel = w.transpose(2, 3, 1, 0) if w.ndim == 4 else w.T
-    params[name] = {'kernel': kernel, 'bias': b}
+    params[name] = {"kernel": kernel, "bias": b}
   if strict:
-    used = {f'{prefix}{k}.{s}' for k in _TORCH_KEYS.values()
-            for s in ('weight', 'bias')}
-    extra = sorted(k for k in state_dict if k.startswith(prefix)
-                   and k not in used and 'pca' not in k
-                   and not k[len(prefix):].startswith('pproc.'))
+    used = {
+      f"{prefix}{k}.{s}"
+      for k in _TORCH_KEYS.values()
+      for s in ("weight", "bias")
+    }
+    extra = sorted(
+      k
+      for k in state_dict
+      if k.startswith(prefix)
+      and k not in used
+      and "pca" not in k
+      and not k[len(prefix) :].startswith("pproc.")
+    )
     if extra:
-      raise ValueError(f'{what} has unexpected keys {extra}.')
+      raise ValueError(f"{what} has unexpected keys {extra}.")
   _check_against_init(params, what)
   return params
 
 
-_TF_SCOPES = {'conv1': 'vggish/conv1', 'conv2': 'vggish/conv2',
-              'conv3_1': 'vggish/conv3/conv3_1',
-              'conv3_2': 'vggish/conv3/conv3_2',
-              'conv4_1': 'vggish/conv4/conv4_1',
-              'conv4_2': 'vggish/conv4/conv4_2',
-              'fc1_1': 'vggish/fc1/fc1_1', 'fc1_2': 'vggish/fc1/fc1_2',
-              'fc2': 'vggish/fc2'}
+_TF_SCOPES = {
+  "conv1": "vggish/conv1",
+  "conv2": "vggish/conv2",
+  "conv3_1": "vggish/conv3/conv3_1",
+  "conv3_2": "vggish/conv3/conv3_2",
+  "conv4_1": "vggish/conv4/conv4_1",
+  "conv4_2": "vggish/conv4/conv4_2",
+  "fc1_1": "vggish/fc1/fc1_1",
+  "fc1_2": "vggish/fc1/fc1_2",
+  "fc2": "vggish/fc2",
+}
 
 
 def params_from_tf_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
@@ -281,13 +322,15 @@ def params_from_tf_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
     KeyError: a needed variable is missing (named). ValueError: shapes do
     not form a consistent VGGish (named).
   """
-  variables = {k.removesuffix(':0'): v for k, v in variables.items()}
-  what = 'TF VGGish variables'
+  variables = {k.removesuffix(":0"): v for k, v in variables.items()}
+  what = "TF VGGish variables"
   params = {}
   for name, scope in _TF_SCOPES.items():
     # slim layouts already match Flax: conv HWIO, dense [in, out].
-    params[name] = {'kernel': _take(variables, f'{scope}/weights', what),
-                    'bias': _take(variables, f'{scope}/biases', what)}
+    params[name] = {
+      "kernel": _take(variables, f"{scope}/weights", what),
+      "bias": _take(variables, f"{scope}/biases", what),
+    }
   _check_against_init(params, what)
   return params
 
@@ -299,13 +342,15 @@ def load_tf_checkpoint(path: str) -> dict[str, Any]:
   be read.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   try:
     reader = tf.train.load_checkpoint(path)
   except (tf.errors.OpError, ValueError) as e:
-    raise ValueError(f'Cannot read TF checkpoint {path!r}: {e}') from e
+    raise ValueError(f"Cannot read TF checkpoint {path!r}: {e}") from e
   names = reader.get_variable_to_shape_map()
   return params_from_tf_variables(
-      {n: reader.get_tensor(n) for n in names if n.startswith('vggish/')})
+    {n: reader.get_tensor(n) for n in names if n.startswith("vggish/")}
+  )
 
 
 def load_params(path: str | os.PathLike) -> dict[str, Any]:
@@ -321,14 +366,15 @@ def load_params(path: str | os.PathLike) -> dict[str, Any]:
     ValueError/KeyError: the file is not a readable VGGish checkpoint.
   """
   path = os.fspath(path)
-  if not (os.path.exists(path) or os.path.exists(path + '.index')):
-    raise FileNotFoundError(f'VGGish checkpoint {path!r} does not exist.')
-  if path.endswith(('.pth', '.pt')):
+  if not (os.path.exists(path) or os.path.exists(path + ".index")):
+    raise FileNotFoundError(f"VGGish checkpoint {path!r} does not exist.")
+  if path.endswith((".pth", ".pt")):
     import torch  # pylint: disable=g-import-not-at-top
+
     try:
-      state_dict = torch.load(path, map_location='cpu', weights_only=True)
+      state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises assorted types for bad files.
-      raise ValueError(f'Cannot read torch checkpoint {path!r}: {e}') from e
+      raise ValueError(f"Cannot read torch checkpoint {path!r}: {e}") from e
     return params_from_torch_state_dict(state_dict)
   return load_tf_checkpoint(path)
 
@@ -344,17 +390,24 @@ def load_pca_params(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'VGGish PCA file {path!r} does not exist.')
+    raise FileNotFoundError(f"VGGish PCA file {path!r} does not exist.")
   with np.load(path) as data:
-    for key in ('pca_eigen_vectors', 'pca_means'):
+    for key in ("pca_eigen_vectors", "pca_means"):
       if key not in data:
-        raise KeyError(f'{path!r} lacks array {key!r}; has {data.files}.')
-    return (data['pca_eigen_vectors'].astype(np.float32),
-            data['pca_means'].reshape(-1).astype(np.float32))
+        raise KeyError(f"{path!r} lacks array {key!r}; has {data.files}.")
+    return (
+      data["pca_eigen_vectors"].astype(np.float32),
+      data["pca_means"].reshape(-1).astype(np.float32),
+    )
 
 
-def postprocess(embeddings: jax.Array, pca_eigen_vectors: jax.Array,
-                pca_means: jax.Array, *, quantize: bool = True) -> jax.Array:
+def postprocess(
+  embeddings: jax.Array,
+  pca_eigen_vectors: jax.Array,
+  pca_means: jax.Array,
+  *,
+  quantize: bool = True,
+) -> jax.Array:
   """AudioSet PCA whitening (+ 8-bit quantisation) of VGGish embeddings.
 
   Args:
@@ -370,10 +423,12 @@ def postprocess(embeddings: jax.Array, pca_eigen_vectors: jax.Array,
   embeddings = jnp.asarray(embeddings, jnp.float32)
   means = jnp.reshape(jnp.asarray(pca_means, jnp.float32), (-1,))
   if embeddings.ndim != 2 or embeddings.shape[1] != means.shape[0]:
-    raise ValueError(f'embeddings {embeddings.shape} do not match PCA means '
-                     f'{means.shape}.')
-  whitened = (embeddings - means) @ jnp.asarray(pca_eigen_vectors,
-                                                jnp.float32).T
+    raise ValueError(
+      f"embeddings {embeddings.shape} do not match PCA means {means.shape}."
+    )
+  whitened = (embeddings - means) @ jnp.asarray(
+    pca_eigen_vectors, jnp.float32
+  ).T
   clipped = jnp.clip(whitened, QUANTIZE_MIN, QUANTIZE_MAX)
   if not quantize:
     return clipped

@@ -7,9 +7,9 @@ reference's key names (`temporal.network.0.conv1.weight_g`, the duplicated
 `net.0.*` keys, `encoderQ2.weight`, the unused `gn1`/`gn2`, ...).
 """
 
-from collections.abc import Sequence
 import math
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -40,11 +40,13 @@ def hertz_to_mel(hertz: np.ndarray | float) -> np.ndarray:
   return _MEL_Q * np.log1p(np.asarray(hertz, np.float64) / _MEL_BREAK_HZ)
 
 
-def mel_matrix(num_mel_bins: int = NUM_MEL_BINS,
-               num_spectrogram_bins: int = 257,
-               sample_rate: int = SAMPLE_RATE,
-               lower_hz: float = MEL_MIN_HZ,
-               upper_hz: float = MEL_MAX_HZ) -> np.ndarray:
+def mel_matrix(
+  num_mel_bins: int = NUM_MEL_BINS,
+  num_spectrogram_bins: int = 257,
+  sample_rate: int = SAMPLE_RATE,
+  lower_hz: float = MEL_MIN_HZ,
+  upper_hz: float = MEL_MAX_HZ,
+) -> np.ndarray:
   """`[num_spectrogram_bins, num_mel_bins]` triangular mel weights.
 
   Band b spans mel edges b..b+2 of `num_mel_bins + 2` points evenly spaced in
@@ -53,11 +55,14 @@ def mel_matrix(num_mel_bins: int = NUM_MEL_BINS,
   """
   nyquist = sample_rate / 2.0
   if not 0.0 <= lower_hz < upper_hz <= nyquist:
-    raise ValueError(f'Need 0 <= lower_hz < upper_hz <= {nyquist} Hz, got '
-                     f'lower_hz={lower_hz}, upper_hz={upper_hz}.')
+    raise ValueError(
+      f"Need 0 <= lower_hz < upper_hz <= {nyquist} Hz, got "
+      f"lower_hz={lower_hz}, upper_hz={upper_hz}."
+    )
   bins_mel = hertz_to_mel(np.linspace(0.0, nyquist, num_spectrogram_bins))
-  edges = np.linspace(hertz_to_mel(lower_hz), hertz_to_mel(upper_hz),
-                      num_mel_bins + 2)
+  edges = np.linspace(
+    hertz_to_mel(lower_hz), hertz_to_mel(upper_hz), num_mel_bins + 2
+  )
   lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]
   rising = (bins_mel[:, None] - lower) / (centre - lower)
   falling = (upper - bins_mel[:, None]) / (upper - centre)
@@ -66,8 +71,9 @@ def mel_matrix(num_mel_bins: int = NUM_MEL_BINS,
   return weights
 
 
-def log_mel_spectrogram(wave: np.ndarray,
-                        sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+def log_mel_spectrogram(
+  wave: np.ndarray, sample_rate: int = SAMPLE_RATE
+) -> np.ndarray:
   """`[n_frames, 64]` log mel magnitudes, one row per 10 ms frame.
 
   Only complete 25 ms frames are used: n_frames = 1 + (n - 400) // 160 at
@@ -81,16 +87,21 @@ def log_mel_spectrogram(wave: np.ndarray,
   if n_frames == 0:
     return np.zeros((0, NUM_MEL_BINS), np.float64)
   frames = np.lib.stride_tricks.as_strided(
-      wave, shape=(n_frames, window),
-      strides=(wave.strides[0] * hop, wave.strides[0]), writeable=False)
+    wave,
+    shape=(n_frames, window),
+    strides=(wave.strides[0] * hop, wave.strides[0]),
+    writeable=False,
+  )
   magnitude = np.abs(np.fft.rfft(frames * periodic_hann(window), fft_length))
-  mel = magnitude @ mel_matrix(num_spectrogram_bins=magnitude.shape[1],
-                               sample_rate=sample_rate)
+  mel = magnitude @ mel_matrix(
+    num_spectrogram_bins=magnitude.shape[1], sample_rate=sample_rate
+  )
   return np.log(mel + LOG_OFFSET)
 
 
-def frame_examples(log_mel: np.ndarray, hop_frames: float,
-                   num_frames: int = NUM_FRAMES) -> np.ndarray:
+def frame_examples(
+  log_mel: np.ndarray, hop_frames: float, num_frames: int = NUM_FRAMES
+) -> np.ndarray:
   """Cuts `[n, bands]` into `[n_examples, num_frames, bands]` examples.
 
   Example k starts at frame `round(k * hop_frames)` (half to even); only
@@ -98,7 +109,7 @@ def frame_examples(log_mel: np.ndarray, hop_frames: float,
   hop_frames), or 0 when n < num_frames.
   """
   if hop_frames <= 0:
-    raise ValueError(f'hop_frames must be > 0, got {hop_frames}.')
+    raise ValueError(f"hop_frames must be > 0, got {hop_frames}.")
   n = log_mel.shape[0]
   if n < num_frames:
     return np.zeros((0, num_frames) + log_mel.shape[1:], log_mel.dtype)
@@ -107,9 +118,11 @@ def frame_examples(log_mel: np.ndarray, hop_frames: float,
   return log_mel[starts[:, None] + np.arange(num_frames)]
 
 
-def waveform_to_examples(wave: np.ndarray, sample_rate: int = SAMPLE_RATE,
-                         hop_seconds: float = EXAMPLE_HOP_SECONDS,
-                         ) -> np.ndarray:
+def waveform_to_examples(
+  wave: np.ndarray,
+  sample_rate: int = SAMPLE_RATE,
+  hop_seconds: float = EXAMPLE_HOP_SECONDS,
+) -> np.ndarray:
   """Waveform to VGGish input examples.
 
   Args:
@@ -127,10 +140,11 @@ def waveform_to_examples(wave: np.ndarray, sample_rate: int = SAMPLE_RATE,
   if wave.ndim == 2:
     wave = wave.mean(axis=1)
   if wave.ndim != 1:
-    raise ValueError(f'wave must be [n] or [n, channels], got {wave.shape}.')
+    raise ValueError(f"wave must be [n] or [n, channels], got {wave.shape}.")
   if sample_rate != SAMPLE_RATE:
-    raise ValueError(f'VGGish needs {SAMPLE_RATE} Hz audio, got '
-                     f'{sample_rate} Hz.')
+    raise ValueError(
+      f"VGGish needs {SAMPLE_RATE} Hz audio, got {sample_rate} Hz."
+    )
   log_mel = log_mel_spectrogram(wave, sample_rate)
   # Multiply by the frame rate (as the reference does) rather than divide by
   # the hop, so 0.96 s gives exactly 96.0 frames.
