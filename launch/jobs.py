@@ -24,6 +24,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
@@ -244,8 +245,21 @@ def jobs_from_args(args: argparse.Namespace) -> list[Job]:
   return make_jobs(args.config, args.workdir, sweep=args.sweep, only=only)
 
 
+@dataclasses.dataclass(frozen=True)
+class Result:
+  """Outcome of one command: exit status and (if captured) its stdout."""
+
+  returncode: int
+  stdout: str = ""
+
+
 class Runner:
-  """Runs commands, or only prints them (dry run), one per line."""
+  """Runs commands, or only prints them (dry run), one per line.
+
+  `execute` is the one place a command is started, so tests substitute a
+  subclass that records the commands and simulates their outcomes; `sleep`
+  is the one place a launcher waits (polling), so tests do not wait.
+  """
 
   def __init__(self, dry_run: bool, out: TextIO | None = None):
     self.dry_run = dry_run
@@ -254,16 +268,54 @@ class Runner:
   def comment(self, text: str) -> None:
     print(f"# {text}", file=self.out, flush=True)
 
-  def run(self, argv: Sequence[str], **popen_kwargs: Any) -> int:
-    """Prints `argv`; unless dry, runs it and raises if it fails."""
+  def write(self, text: str) -> None:
+    """Passes text through (e.g. a streamed remote log)."""
+    self.out.write(text)
+    self.out.flush()
+
+  def run(
+    self,
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    capture: bool = False,
+    echo: bool = True,
+    **popen_kwargs: Any,
+  ) -> Result:
+    """Prints `argv`; unless dry, runs it.
+
+    Args:
+      argv: the command.
+      check: raise `CalledProcessError` if it exits non-zero.
+      capture: return its stdout (text) instead of passing it through.
+      echo: print it when really running (a dry run always prints); polls
+        turn this off so the log stream is not drowned in commands.
+      **popen_kwargs: for `subprocess.run` (cwd, stdout, ...).
+
+    Returns:
+      The exit status and captured stdout; `Result(0)` in a dry run.
+    """
     line = shlex.join(argv)
-    print(line if self.dry_run else f"+ {line}", file=self.out, flush=True)
+    if self.dry_run or echo:
+      print(line if self.dry_run else f"+ {line}", file=self.out, flush=True)
     if self.dry_run:
-      return 0
-    rc = subprocess.call(list(argv), **popen_kwargs)
-    if rc:
-      raise subprocess.CalledProcessError(rc, list(argv))
-    return rc
+      return Result(0)
+    result = self.execute(list(argv), capture=capture, **popen_kwargs)
+    if check and result.returncode:
+      raise subprocess.CalledProcessError(result.returncode, list(argv))
+    return result
+
+  def execute(
+    self, argv: list[str], *, capture: bool, **popen_kwargs: Any
+  ) -> Result:
+    """Starts `argv` and waits for it."""
+    if capture:
+      popen_kwargs.update(stdout=subprocess.PIPE, text=True)
+    done = subprocess.run(argv, check=False, **popen_kwargs)
+    return Result(done.returncode, done.stdout if capture else "")
+
+  def sleep(self, seconds: float) -> None:
+    time.sleep(seconds)
 
 
 def run_main(

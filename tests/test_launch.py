@@ -15,10 +15,11 @@ import shutil
 import stat
 import subprocess
 import textwrap
+import time
 
 import pytest
 
-from launch import gpu_host, slurm, tpu_vm
+from launch import gpu_host, slurm, tpu_remote, tpu_vm
 from launch import jobs as jobs_lib
 
 REPO = jobs_lib.REPO
@@ -58,17 +59,15 @@ def allow_commands():
 
 @pytest.fixture(autouse=True)
 def refuse_real_commands(monkeypatch, request):
-  """Guards against a launcher running gcloud, sbatch or pip for real."""
+  """Guards against a launcher running gcloud, sbatch or pip for real (fake
+  runners override `execute` and are not affected)."""
   if "allow_commands" in request.fixturenames:
     return
-  run = jobs_lib.Runner.run
 
-  def dry_only(self, argv, **kwargs):
-    if not self.dry_run:
-      raise AssertionError(f"a test tried to run {argv}")
-    return run(self, argv, **kwargs)
+  def refuse(self, argv, **kwargs):
+    raise AssertionError(f"a test tried to run {argv}")
 
-  monkeypatch.setattr(jobs_lib.Runner, "run", dry_only)
+  monkeypatch.setattr(jobs_lib.Runner, "execute", refuse)
 
 
 def dry_run(cli, argv) -> list[str]:
@@ -163,7 +162,7 @@ def test_format_value_round_trips_through_config_flags():
 
 
 # --------------------------------------------------------------------------
-# Cloud TPU VM.
+# Cloud TPU VM: dry runs.
 
 TPU_ARGS = [
   "--name=affjax-pod",
@@ -173,12 +172,160 @@ TPU_ARGS = [
   "--sweep",
   "--workdir=exp",
 ]
+GCLOUD_TPU = ["gcloud", "compute", "tpus", "tpu-vm"]
+GCLOUD_QR = ["gcloud", "compute", "tpus", "queued-resources"]
 
 
-def _ssh_command(tokens) -> str:
-  assert tokens[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
-  assert "--worker=all" in tokens and "--zone=us-central2-b" in tokens
+def _remote(tokens) -> str:
+  """The remote shell command of a `gcloud ... tpu-vm ssh`."""
+  assert tokens[:5] == GCLOUD_TPU + ["ssh"]
   return flag(tokens, "--command")
+
+
+def _started_main_args(tokens) -> list[str]:
+  """`affjax.main` arguments of the job a start command runs detached."""
+  wrapper = next(t for t in shlex.split(_remote(tokens)) if "affjax.main" in t)
+  line = next(x for x in wrapper.split("; ") if "affjax.main" in x)
+  inner = shlex.split(line)
+  return main_args(inner)[: inner.index(")") - inner.index("affjax.main") - 1]
+
+
+def _kind(tokens) -> str:
+  """A short name for a printed command (what the step does)."""
+  if tokens[:2] == ["gcloud", "storage"]:
+    return f"storage-{tokens[2]}"
+  if tokens[:4] in (GCLOUD_TPU, GCLOUD_QR):
+    verb = tokens[4]
+    if verb != "ssh":
+      return ("qr-" if tokens[3] == "queued-resources" else "") + verb
+    cmd = _remote(tokens)
+    for word, kind in (
+      ("pip install", "install"),
+      ("setsid nohup", "start"),
+      ("affjax-status", "status"),
+      ("tail -c", "log"),
+      ("kill -TERM", "stop"),
+    ):
+      if word in cmd:
+        return kind
+    return "ssh"
+  return tokens[0]
+
+
+@pytest.mark.parametrize(
+  "accelerator,runtime",
+  [
+    ("v4-32", "tpu-ubuntu2204-base"),
+    ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+    ("v5p-32", "v2-alpha-tpuv5"),
+    ("v6e-16", "v2-alpha-tpuv6e"),
+  ],
+)
+def test_tpu_dry_run_exact_commands_per_family(accelerator, runtime):
+  """Every step's command for one job on each accelerator family."""
+  lines = dry_run(
+    tpu_vm.cli,
+    [
+      "--name=tpu",
+      "--zone=zz",
+      f"--accelerator_type={accelerator}",
+      "--workdir=gs://bkt/run",
+      "--config=configs/lfan.py:arousal",
+      "--spot",
+    ],
+  )
+  cmds = commands(lines)
+  assert [_kind(c) for c in cmds] == [
+    "create",
+    "tar",
+    "scp",
+    "install",
+    "start",
+    "status",
+    "log",
+    "mkdir",
+    "storage-ls",
+    "storage-ls",
+    "storage-cp",
+    "delete",
+  ]
+  assert cmds[0] == GCLOUD_TPU + [
+    "create",
+    "tpu",
+    "--zone=zz",
+    f"--accelerator-type={accelerator}",
+    f"--version={runtime}",
+    "--spot",
+  ]
+  assert cmds[2] == GCLOUD_TPU + [
+    "scp",
+    cmds[1][2],
+    "tpu:affjax-src.tar.gz",
+    "--zone=zz",
+    "--worker=all",
+  ]
+  assert cmds[4][:8] == GCLOUD_TPU + ["ssh", "tpu", "--zone=zz", "--worker=all"]
+  assert _started_main_args(cmds[4]) == [
+    "--config=configs/lfan.py:arousal",
+    "--workdir=gs://bkt/run",
+    "--distributed",
+  ]
+  assert "--worker=all" in cmds[5] and "--worker=0" in cmds[6]
+  assert cmds[8:] == [
+    ["gcloud", "storage", "ls", "gs://bkt/run/checkpoints"],
+    ["gcloud", "storage", "ls", "gs://bkt/run/eval/*/results.json"],
+    ["gcloud", "storage", "cp", "-r", "gs://bkt/run", "workdirs/tpu_results"],
+    GCLOUD_TPU + ["delete", "tpu", "--zone=zz", "--quiet"],
+  ]
+
+
+def test_tpu_dry_run_queued_resource_and_runtime_override():
+  lines = dry_run(
+    tpu_vm.cli,
+    [
+      "--name=q",
+      "--zone=zz",
+      "--accelerator_type=v5litepod-16",
+      "--runtime_version=my-image",
+      "--project=proj",
+      "--workdir=gs://bkt/run",
+      "--config=configs/lfan.py",
+      "--queued",
+      "--spot",
+      "--steps=create,delete",
+      "--verify_files=checkpoints",
+    ],
+  )
+  cmds = commands(lines)
+  assert cmds == [
+    GCLOUD_QR
+    + [
+      "create",
+      "q",
+      "--zone=zz",
+      "--project=proj",
+      "--node-id=q",
+      "--accelerator-type=v5litepod-16",
+      "--runtime-version=my-image",
+      "--spot",
+    ],
+    GCLOUD_QR
+    + [
+      "describe",
+      "q",
+      "--zone=zz",
+      "--project=proj",
+      "--format=value(state.state)",
+    ],
+    ["gcloud", "storage", "ls", "gs://bkt/run/checkpoints"],
+    GCLOUD_QR
+    + ["delete", "q", "--zone=zz", "--project=proj", "--force", "--quiet"],
+  ]
+
+
+def test_tpu_runtime_version_unknown_family():
+  with pytest.raises(ValueError, match="--runtime_version"):
+    tpu_vm.runtime_version("v7x-8")
 
 
 def test_tpu_dry_run_sweep(tiny_config):
@@ -187,41 +334,34 @@ def test_tpu_dry_run_sweep(tiny_config):
     tpu_vm.cli, TPU_ARGS + [f"--config={tiny_config}", "--", *extra]
   )
   cmds = commands(lines)
-  create, tar, scp, install, *runs = cmds[:-8]
-  assert create[:6] == [
-    "gcloud",
-    "compute",
-    "tpus",
-    "tpu-vm",
-    "create",
-    "affjax-pod",
-  ]
-  assert flag(create, "--accelerator-type") == "v4-32"
-  assert flag(create, "--zone") == "us-central2-b"
-  assert tar[:2] == ["tar", "-czf"] and tar[-1] == "."
-  assert scp[4] == "scp" and "--worker=all" in scp
-  assert "affjax-pod:affjax-src.tar.gz" in scp and tar[2] in scp
-  install_cmd = _ssh_command(install)
-  assert "jax[tpu]==0.10.2" in shlex.split(install_cmd.replace(";", " ; "))
-  assert '-e "$HOME/affjax[preprocess]"' in install_cmd
-  runs_args = []
-  for tokens in runs:
-    inner = shlex.split(_ssh_command(tokens))
-    assert inner[:4] == ["cd", "$HOME/affjax", "&&", "TF_CPP_MIN_LOG_LEVEL=2"]
-    runs_args.append(main_args(inner))
+  kinds = [_kind(c) for c in cmds]
+  assert kinds == (
+    ["create", "tar", "scp", "install"]
+    + ["start", "status", "log"] * 6
+    + ["mkdir"]
+    + ["storage-ls", "storage-ls", "storage-cp"] * 6
+    + ["delete"]
+  )
+  install = _remote(cmds[3])
+  assert "jax[tpu]==0.10.2" in shlex.split(install.replace(";", " ; "))
+  assert '-e "$HOME/affjax[preprocess]"' in install
+  starts = [c for c, k in zip(cmds, kinds) if k == "start"]
+  runs = [_started_main_args(c) for c in starts]
   check_tiny_jobs(
-    runs_args, tiny_config, "gs://bkt/exp", distributed=True, extra=extra
+    runs, tiny_config, "gs://bkt/exp", distributed=True, extra=extra
   )
-  mkdir, *fetches, delete = cmds[-8:]
-  assert mkdir == ["mkdir", "-p", "workdirs/tpu_results"]
-  assert sorted(f[4] for f in fetches) == sorted(
-    flag(a, "--workdir") for a in runs_args
-  )
-  assert all(f[:4] == ["gcloud", "storage", "cp", "-r"] for f in fetches)
-  assert delete[4:6] == ["delete", "affjax-pod"] and "--quiet" in delete
+  # Each job has its own run directory (pid, exit code, log) per worker.
+  dirs = {_remote(c).split()[2].rstrip(";") for c in starts}
+  assert dirs == {
+    f'"$HOME/affjax-runs/{e}_fold{f}"'
+    for f in range(3)
+    for e in ("valence", "arousal")
+  }
+  fetched = [c[4] for c, k in zip(cmds, kinds) if k == "storage-cp"]
+  assert sorted(fetched) == sorted(flag(a, "--workdir") for a in runs)
 
 
-def test_tpu_dry_run_single_host_local_workdir_and_no_delete():
+def test_tpu_dry_run_local_workdir_fetches_then_verifies():
   lines = dry_run(
     tpu_vm.cli,
     [
@@ -230,21 +370,26 @@ def test_tpu_dry_run_single_host_local_workdir_and_no_delete():
       "--accelerator_type=v4-8",
       "--config=configs/lfan.py:arousal",
       "--workdir=/home/me/run1",
-      "--steps=run,fetch",
+      "--steps=run,fetch,delete",
       "--project=proj",
-      "--keep",
     ],
   )
-  run, _, fetch = commands(lines)
-  assert "--project=proj" in run
-  args = main_args(shlex.split(flag(run, "--command")))
-  assert args == [
-    "--config=configs/lfan.py:arousal",
-    "--workdir=/home/me/run1",
-    "--distributed",
+  assert [_kind(c) for c in commands(lines)] == [
+    "start",
+    "status",
+    "log",
+    "mkdir",
+    "scp",
+    "delete",
   ]
+  fetch = commands(lines)[4]
   assert fetch[4:6] == ["scp", "v4:/home/me/run1"]
   assert "--worker=0" in fetch and "--recurse" in fetch
+  checks = [line for line in lines if line.startswith("# check that")]
+  assert checks == [
+    "# check that workdirs/tpu_results/run1/checkpoints exists",
+    "# check that workdirs/tpu_results/run1/eval/*/results.json exists",
+  ]
 
 
 def test_tpu_dry_run_parallel_one_vm_per_job(tiny_config):
@@ -252,15 +397,11 @@ def test_tpu_dry_run_parallel_one_vm_per_job(tiny_config):
     tpu_vm.cli, TPU_ARGS + [f"--config={tiny_config}", "--parallel", "--spot"]
   )
   cmds = commands(lines)
-  created = [c[5] for c in cmds if c[4:5] == ["create"]]
-  deleted = [c[5] for c in cmds if c[4:5] == ["delete"]]
+  created = [c[5] for c in cmds if _kind(c) == "create"]
+  deleted = [c[5] for c in cmds if _kind(c) == "delete"]
   assert created == deleted == [f"affjax-pod-{i}" for i in range(6)]
-  assert all("--spot" in c for c in cmds if c[4:5] == ["create"])
-  runs = [
-    main_args(shlex.split(_ssh_command(c)))
-    for c in cmds
-    if c[4:5] == ["ssh"] and "affjax.main" in _ssh_command(c)
-  ]
+  assert all("--spot" in c for c in cmds if _kind(c) == "create")
+  runs = [_started_main_args(c) for c in cmds if _kind(c) == "start"]
   check_tiny_jobs(runs, tiny_config, "gs://bkt/exp", distributed=True)
 
 
@@ -281,6 +422,339 @@ def test_tpu_bad_arguments(argv, match):
   ]
   with pytest.raises(ValueError, match=match):
     dry_run(tpu_vm.cli, base + argv)
+
+
+# --------------------------------------------------------------------------
+# Cloud TPU VM: the control loop against a simulated cloud.
+
+
+class FakeCloud(jobs_lib.Runner):
+  """A runner that records commands and answers them like gcloud would.
+
+  The TPU has a `state` ("" = does not exist); `create` makes it usable
+  after `pending` intermediate states, `delete` removes it. `polls` answer
+  successive status polls: `{host: state}`, "lost" (ssh fails, the TPU is
+  still up) or "preempted" (ssh fails, the TPU is PREEMPTED). `verified` is
+  whether `gcloud storage ls` finds the results.
+  """
+
+  def __init__(self, polls, state="", pending=(), verified=True, log=()):
+    super().__init__(dry_run=False, out=io.StringIO())
+    self.polls, self.state, self.pending = list(polls), state, list(pending)
+    self.verified, self.log = verified, list(log)
+    self.calls: list[list[str]] = []
+    self.slept = 0.0
+
+  def execute(self, argv, *, capture, **kwargs):
+    self.calls.append(argv)
+    kind = _kind(argv).removeprefix("qr-")
+    if kind == "describe":
+      state = self.pending.pop(0) if self.pending else self.state
+      return jobs_lib.Result(0 if state else 1, state + "\n")
+    if kind == "create":
+      self.state = "ACTIVE" if "queued-resources" in argv else "READY"
+    if kind == "delete":
+      self.state = ""
+    if kind == "status":
+      poll = self.polls.pop(0)
+      if poll in ("lost", "preempted"):
+        self.state = "PREEMPTED" if poll == "preempted" else self.state
+        return jobs_lib.Result(255, "")
+      text = "".join(f"affjax-status {h} {s}\n" for h, s in poll.items())
+      return jobs_lib.Result(0, "ssh banner\n" + text)
+    if kind == "log":
+      return jobs_lib.Result(0, self.log.pop(0) if self.log else "")
+    if kind == "storage-ls":
+      ok = self.verified
+      return jobs_lib.Result(0 if ok else 1, "gs://x/y\n" if ok else "")
+    return jobs_lib.Result(0)
+
+  def sleep(self, seconds):
+    self.slept += seconds
+
+  def kinds(self):
+    return [_kind(c) for c in self.calls]
+
+
+def _run_fake(cloud, *extra_args):
+  args, extra = jobs_lib.split_extra(
+    [
+      "--name=pod",
+      "--zone=z",
+      "--accelerator_type=v5p-16",
+      "--workdir=gs://bkt/run",
+      "--config=configs/lfan.py:arousal",
+      "--poll_seconds=30",
+      *extra_args,
+    ]
+  )
+  tpu_vm.main(tpu_vm.build_parser().parse_args(args), extra, cloud)
+  return cloud.kinds()
+
+
+RUNNING = {"w0": "running", "w1": "running"}
+DONE = {"w0": "exit 0", "w1": "exit 0"}
+
+
+def test_tpu_detached_run_polls_streams_verifies_then_deletes():
+  cloud = FakeCloud(
+    polls=[RUNNING, {"w0": "exit 0", "w1": "running"}, DONE],
+    log=["step 1\n", "", "step 2\ndone\n"],
+  )
+  kinds = _run_fake(cloud)
+  assert kinds == [
+    "describe",
+    "create",
+    "describe",
+    "tar",
+    "scp",
+    "install",
+    "start",
+    *["status", "log"] * 3,
+    "mkdir",
+    "storage-ls",
+    "storage-ls",
+    "storage-cp",
+    "delete",
+  ]
+  assert cloud.slept == 60  # two polls saw a running worker
+  out = cloud.out.getvalue()
+  assert "step 1\nstep 2\ndone\n" in out
+  # Log offsets advance by the bytes already shown.
+  tails = [_remote(c) for c in cloud.calls if _kind(c) == "log"]
+  assert [t.split()[2] for t in tails] == ["+1", "+8", "+8"]
+  # Polls are not echoed (only the stream); the other commands are.
+  assert "affjax-status" not in out and "+ gcloud compute tpus" in out
+
+
+def test_tpu_failed_verification_keeps_the_vm():
+  cloud = FakeCloud(polls=[DONE], state="READY", verified=False)
+  with pytest.raises(RuntimeError, match="not verified"):
+    _run_fake(cloud, "--steps=run,verify,fetch,delete")
+  assert (
+    cloud.kinds() == ["start", "status", "log", "mkdir"] + ["storage-ls"] * 2
+  )
+  assert "TPU pod kept" in cloud.out.getvalue()
+
+
+def test_tpu_failed_fetch_keeps_the_vm():
+  class FetchFails(FakeCloud):
+    def execute(self, argv, *, capture, **kwargs):
+      if _kind(argv) == "storage-cp":
+        self.calls.append(argv)
+        return jobs_lib.Result(1)
+      return super().execute(argv, capture=capture, **kwargs)
+
+  cloud = FetchFails(polls=[DONE], state="READY")
+  with pytest.raises(subprocess.CalledProcessError):
+    _run_fake(cloud, "--steps=run,fetch,delete")
+  assert cloud.kinds()[-1] == "storage-cp" and "delete" not in cloud.kinds()
+
+
+def test_tpu_reattaches_to_a_running_job():
+  """A second launch finds the TPU READY and the job running: no create, no
+  new code under the running job; it polls until the end."""
+  cloud = FakeCloud(polls=[RUNNING, RUNNING, RUNNING, DONE], state="READY")
+  kinds = _run_fake(cloud, "--keep")
+  assert kinds == [
+    "describe",
+    "status",  # probe: the job runs
+    "start",  # idempotent: the workers print "reattaching"
+    *["status", "log"] * 3,
+    "mkdir",
+    "storage-ls",
+    "storage-ls",
+    "storage-cp",
+  ]
+  assert "reattaching" in cloud.out.getvalue()
+
+
+def test_tpu_preempted_vm_is_recreated_and_the_job_resumes():
+  cloud = FakeCloud(polls=[RUNNING, "lost", "preempted", RUNNING, DONE])
+  kinds = _run_fake(cloud, "--spot")
+  once = ["describe", "create", "describe", "tar", "scp", "install", "start"]
+  assert (
+    kinds
+    == [
+      *once,
+      "status",
+      "log",
+      "status",  # lost: the TPU is READY, poll again
+      "describe",
+      "status",  # lost: the TPU is PREEMPTED
+      "describe",
+      "describe",  # restart: delete the preempted TPU, create it anew
+      "delete",
+      *once[1:],
+      *["status", "log"] * 2,
+      "mkdir",
+      "storage-ls",
+      "storage-ls",
+      "storage-cp",
+      "delete",
+    ]
+  )
+  assert "restart 1/3: resuming" in cloud.out.getvalue()
+
+
+def test_tpu_gives_up_after_max_restarts():
+  cloud = FakeCloud(polls=["preempted"] * 3)
+  with pytest.raises(RuntimeError, match="--max_restarts=1"):
+    _run_fake(cloud, "--max_restarts=1")
+  kinds = cloud.kinds()
+  assert kinds.count("create") == 2 and kinds.count("delete") == 1
+  assert "storage-ls" not in kinds and kinds[-1] == "describe"
+
+
+def test_tpu_job_failure_stops_workers_and_keeps_the_vm():
+  cloud = FakeCloud(polls=[{"w0": "exit 1", "w1": "running"}], state="READY")
+  with pytest.raises(RuntimeError, match="failed on pod"):
+    _run_fake(cloud, "--steps=run,verify,fetch,delete")
+  assert cloud.kinds() == ["start", "status", "log", "stop"]
+
+
+def test_tpu_lost_process_restarts_the_job():
+  """A worker whose process vanished (no exit code, e.g. a host reboot):
+  stop the others and start again on the same TPU."""
+  lost = {"w0": "absent", "w1": "running"}
+  cloud = FakeCloud(polls=[RUNNING, lost, RUNNING, DONE], state="READY")
+  assert _run_fake(cloud) == [
+    "describe",
+    "status",  # probe: started before, so no new code
+    "start",
+    "status",
+    "log",
+    "stop",
+    "describe",
+    "status",
+    "start",
+    "status",
+    "log",
+    "mkdir",
+    "storage-ls",
+    "storage-ls",
+    "storage-cp",
+    "delete",
+  ]
+
+
+def test_tpu_lost_connection_while_ready_reports_reattach():
+  polls = ["lost"] * tpu_vm.MAX_POLL_FAILURES
+  cloud = FakeCloud(polls=polls, state="READY")
+  with pytest.raises(RuntimeError, match="reattach"):
+    _run_fake(cloud, "--steps=run,delete")
+  assert "delete" not in cloud.kinds()
+
+
+def test_tpu_queued_resource_waits_until_active():
+  cloud = FakeCloud(
+    polls=[DONE], pending=["", "WAITING_FOR_RESOURCES", "PROVISIONING"]
+  )
+  kinds = _run_fake(cloud, "--queued", "--spot")
+  assert kinds[:5] == [
+    "qr-describe",
+    "qr-create",
+    "qr-describe",
+    "qr-describe",
+    "qr-describe",
+  ]
+  assert cloud.slept == 60 and kinds[-1] == "qr-delete"
+  create = cloud.calls[1]
+  assert "--runtime-version=v2-alpha-tpuv5" in create and "--spot" in create
+  assert cloud.calls[-1][-2:] == ["--force", "--quiet"]
+
+
+# --------------------------------------------------------------------------
+# Cloud TPU VM: the remote scripts, run by bash on this machine.
+
+
+def _bash(script, home, path):
+  env = {"HOME": str(home), "PATH": f"{path}:{os.environ['PATH']}"}
+  return subprocess.run(
+    ["bash", "-c", script],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=30,
+    check=False,
+  )
+
+
+def _wait_status(job, home, path, want, timeout=20.0):
+  deadline = time.monotonic() + timeout
+  while True:
+    out = _bash(tpu_remote.status_command(job), home, path).stdout
+    status = tpu_remote.parse_status(out)
+    if list(status.values()) == [want] or time.monotonic() > deadline:
+      return list(status.values())
+    time.sleep(0.05)
+
+
+@pytest.mark.skipif(
+  not (shutil.which("setsid") and shutil.which("ps")),
+  reason="needs setsid and ps",
+)
+def test_remote_scripts_detach_log_status_stop_and_restart(
+  tmp_path, allow_commands
+):
+  """start -> running (outlives the shell that started it) -> exit 0 -> no
+  restart; a failed run restarts; stop kills it; the log is uploaded."""
+  home, bin_dir = tmp_path / "home", tmp_path / "bin"
+  venv_bin = home / "affjax-venv" / "bin"
+  venv_bin.mkdir(parents=True)
+  (home / "affjax").mkdir()
+  bin_dir.mkdir()
+  gate = tmp_path / "gate"
+  python = venv_bin / "python"
+  # Stand-in for the job: logs its args, waits for the gate file, exits
+  # with the status written in it.
+  python.write_text(
+    textwrap.dedent(f"""\
+      #!/bin/bash
+      echo "args $*"
+      echo "started" >> {tmp_path}/starts
+      while [[ ! -s {gate} ]]; do sleep 0.05; done
+      exit "$(cat {gate})"
+      """)
+  )
+  gcloud = bin_dir / "gcloud"  # records the log uploads
+  gcloud.write_text(f'#!/bin/bash\necho "$*" >> {tmp_path}/gcloud_calls\n')
+  for f in (python, gcloud):
+    f.chmod(f.stat().st_mode | stat.S_IEXEC)
+  job = jobs_lib.Job("valence_fold0", "configs/x.py", "gs://b/run")
+  start = tpu_remote.start_command(job, ["--config.seed=3"])
+
+  assert _bash(start, home, bin_dir).returncode == 0
+  assert _wait_status(job, home, bin_dir, "running") == ["running"]
+  again = _bash(start, home, bin_dir).stdout
+  assert "reattaching" in again
+  gate.write_text("0")
+  assert _wait_status(job, home, bin_dir, "exit 0") == ["exit 0"]
+  assert "already finished" in _bash(start, home, bin_dir).stdout
+  log = _bash(tpu_remote.log_command(job, 0), home, bin_dir).stdout
+  assert (
+    "args -m affjax.main --config=configs/x.py --workdir=gs://b/run "
+    "--distributed --config.seed=3" in log
+  )
+  assert log.rstrip().splitlines()[-1].startswith("=== affjax exit 0 ")
+  tail = _bash(
+    tpu_remote.log_command(job, len(log.encode()) - 4), home, bin_dir
+  )
+  assert tail.stdout == log[-4:]
+  uploads = (tmp_path / "gcloud_calls").read_text().splitlines()
+  assert uploads[-1].startswith("storage cp ") and uploads[-1].endswith(
+    "/logs/" + os.uname().nodename + ".log"
+  )
+
+  # A failed run is started again (resume); stop ends it.
+  (home / "affjax-runs" / "valence_fold0" / "exit_code").write_text("1\n")
+  gate.write_text("")
+  _bash(start, home, bin_dir)
+  assert _wait_status(job, home, bin_dir, "running") == ["running"]
+  assert (tmp_path / "starts").read_text().count("started") == 2
+  _bash(tpu_remote.stop_command(job), home, bin_dir)
+  # The wrapper dies with its group, so no exit code: "absent".
+  assert _wait_status(job, home, bin_dir, "absent") == ["absent"]
 
 
 # --------------------------------------------------------------------------
