@@ -59,7 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     default="gpu",
     help="one JAX process per GPU or per node",
   )
-  opt("cpus_per_task", type=int, default=0, help="0 = SLURM's default")
+  opt(
+    "cpus_per_task",
+    type=int,
+    default=0,
+    help="CPU cores per process; 0 (default) = whole nodes (--exclusive) "
+    "with the node's cores split evenly between its processes",
+  )
   opt("partition", default="", help="SLURM partition")
   opt("account", default="", help="SLURM account")
   opt("time", default="24:00:00", help="time limit per job")
@@ -116,9 +122,20 @@ def sbatch_script(
     f"#SBATCH --output={log_dir}/%x-%A_%a.out",
     f"#SBATCH --array=0-{len(jobs) - 1}",
   ]
-  for name in ("partition", "account", "cpus_per_task"):
+  for name in ("partition", "account"):
     if getattr(args, name):
       header.append(f"#SBATCH --{name.replace('_', '-')}={getattr(args, name)}")
+  if args.cpus_per_task:
+    header.append(f"#SBATCH --cpus-per-task={args.cpus_per_task}")
+    cpus = [f"cpus={args.cpus_per_task}"]
+  else:
+    # Without a request SLURM gives each task its default (often 1 core),
+    # which starves tf.data: take whole nodes and split their cores.
+    header += ["#SBATCH --exclusive", "#SBATCH --mem=0"]
+    cpus = [
+      f"cpus=$(( ${{SLURM_CPUS_ON_NODE:-1}} / {tasks_per_node} ))",
+      '[ "$cpus" -ge 1 ] || cpus=1',
+    ]
   cases = []
   for i, job in enumerate(jobs):
     main_args = shlex.join(job.main_args(distributed=True, extra=extra))
@@ -151,7 +168,9 @@ def sbatch_script(
     ),
     f"export AFFJAX_NUM_PROCESSES={args.nodes * tasks_per_node}",
     "export TF_CPP_MIN_LOG_LEVEL=2",
-    "srun --kill-on-bad-exit=1 bash -c "
+    *cpus,
+    # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05).
+    'srun --kill-on-bad-exit=1 --cpus-per-task="$cpus" bash -c '
     + shlex.quote(
       f'export AFFJAX_PROCESS_ID=$SLURM_PROCID {task_env}&& exec "$@"'
     )

@@ -950,7 +950,7 @@ def _fake_slurm_bin(bin_dir, ntasks, tasks_per_node):
   srun.write_text(
     textwrap.dedent(f"""\
       #!/bin/bash
-      while [[ "$1" == --* ]]; do shift; done
+      while [[ "$1" == --* ]]; do echo "$1" >> "$(dirname "$0")/srun_options"; shift; done
       for ((i = 0; i < {ntasks}; i++)); do
         SLURM_PROCID=$i SLURM_LOCALID=$((i % {tasks_per_node})) "$@" || exit 1
       done
@@ -991,6 +991,7 @@ def test_slurm_script_runs_with_stand_ins(tiny_config, tmp_path, process_per):
     "SLURM_ARRAY_TASK_ID": "3",
     "SLURM_JOB_ID": "123456",
     "SLURM_JOB_NODELIST": "node-[a-b]",
+    "SLURM_CPUS_ON_NODE": "32",
     "HOME": str(tmp_path),
   }
   result = subprocess.run(
@@ -1016,6 +1017,26 @@ def test_slurm_script_runs_with_stand_ins(tiny_config, tmp_path, process_per):
     )
     assert run_env["AFFJAX_LOCAL_DEVICE_IDS"] == expected_devices
   assert sorted(ids) == list(range(2 * per_node))
+  # Whole nodes, their 32 cores split between the node's processes.
+  options = (tmp_path / "bin" / "srun_options").read_text().split()
+  assert options == [
+    "--kill-on-bad-exit=1",
+    f"--cpus-per-task={32 // per_node}",
+  ]
+  script = script_path.read_text().splitlines()
+  assert "#SBATCH --exclusive" in script and "#SBATCH --mem=0" in script
+
+
+def test_slurm_explicit_cpus_per_task(tiny_config):
+  lines = dry_run(
+    slurm.cli,
+    [f"--config={tiny_config}", "--workdir=/w", "--cpus_per_task=6"],
+  )
+  script = _script(lines).splitlines()
+  assert "#SBATCH --cpus-per-task=6" in script and "cpus=6" in script
+  assert "#SBATCH --exclusive" not in script
+  srun = shlex.split(next(x for x in script if x.startswith("srun")))
+  assert srun[:3] == ["srun", "--kill-on-bad-exit=1", "--cpus-per-task=$cpus"]
 
 
 def test_slurm_rejects_bad_sizes(tiny_config):
