@@ -4,7 +4,8 @@ One process per job sees its GPUs as one local mesh (no `jax.distributed`
 needed on a single host). By default each job uses every GPU and the jobs run
 one after the other; with `--gpus_per_job=N` the GPUs are split into groups
 of N (`CUDA_VISIBLE_DEVICES`) and that many jobs run at once, each logging to
-`<log_dir>/<job>.log`.
+`<log_dir>/<job>.log` and pinned (`taskset`) to its share of the CPU cores,
+so their input pipelines do not oversubscribe the host.
 
   python -m launch.gpu_host --install --config=configs/lfan.py --sweep \
       --workdir=workdirs/lfan --gpus_per_job=1 --dry-run \
@@ -67,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     type=int,
     default=0,
     help="GPUs per job; 0 = all (jobs run one after the other)",
+  )
+  opt(
+    "num_cpus",
+    type=int,
+    default=0,
+    help="CPU cores to split between parallel jobs (default: the cores "
+    "this process may use)",
   )
   opt(
     "log_dir",
@@ -133,48 +141,79 @@ def gpu_groups(num_gpus: int, gpus_per_job: int) -> list[str]:
   ]
 
 
+def cpu_groups(num_cpus: int, slots: int) -> list[str]:
+  """`taskset -c` core lists: the cores split evenly between the slots.
+
+  Jobs that run side by side each size their tf.data pools by the cores
+  they see; without a split every job sees them all and they oversubscribe
+  the host.
+  """
+  cores = sorted(os.sched_getaffinity(0)) if num_cpus < 1 else range(num_cpus)
+  cores = list(cores)
+  per_slot = max(1, len(cores) // slots)
+  groups = []
+  for i in range(slots):
+    part = cores[i * per_slot : (i + 1) * per_slot] or cores[-per_slot:]
+    groups.append(",".join(str(c) for c in part))
+  return groups
+
+
 def job_command(
   args: argparse.Namespace,
   job: jobs_lib.Job,
   extra: Sequence[str],
   devices: str | None,
+  cpus: str | None = None,
 ) -> list[str]:
   env = ["env", "TF_CPP_MIN_LOG_LEVEL=2"]
   if devices is not None:
     env.append(f"CUDA_VISIBLE_DEVICES={devices}")
+  pin = ["taskset", "-c", cpus] if cpus else []
   python = os.path.join(args.venv, "bin", "python")
-  return env + [python, "-m", "affjax.main"] + job.main_args(extra=extra)
+  return env + pin + [python, "-m", "affjax.main"] + job.main_args(extra=extra)
+
+
+Slot = tuple[str, str | None]  # (CUDA_VISIBLE_DEVICES, taskset cores)
 
 
 def _run_parallel(
-  args, jobs, extra, runner: jobs_lib.Runner, groups: list[str]
+  args, jobs, extra, runner: jobs_lib.Runner, groups: list[Slot]
 ) -> None:
-  """Runs `jobs` with at most one job per GPU group at a time."""
+  """Runs `jobs` with at most one job per slot (GPU group) at a time."""
   slots = queue.Queue()
   for group in groups:
     slots.put(group)
   os.makedirs(args.log_dir, exist_ok=True)
 
   def work(job):
-    group = slots.get()
+    gpus, cpus = slots.get()
     try:
       log_path = os.path.join(args.log_dir, f"{job.name}.log")
-      runner.comment(f"job {job.name} on GPUs {group}, log {log_path}")
+      runner.comment(f"job {job.name} on GPUs {gpus}, log {log_path}")
       with open(log_path, "w") as log:
         runner.run(
-          job_command(args, job, extra, group),
+          job_command(args, job, extra, gpus, cpus),
           cwd=jobs_lib.REPO,
           stdout=log,
           stderr=subprocess.STDOUT,
         )
     finally:
-      slots.put(group)
+      slots.put((gpus, cpus))
 
   with concurrent.futures.ThreadPoolExecutor(len(groups)) as pool:
     futures = {pool.submit(work, job): job for job in jobs}
     failed = [futures[f].name for f in futures if f.exception()]
   if failed:
     raise RuntimeError(f"jobs {failed} failed; see {args.log_dir}/<job>.log")
+
+
+def slots_of(args: argparse.Namespace, dry_run: bool) -> list[Slot]:
+  """The parallel slots: GPU groups, each with its share of the cores
+  (none when one slot has the host, or `taskset` is missing)."""
+  gpus = gpu_groups(args.num_gpus or count_gpus(), args.gpus_per_job)
+  if len(gpus) == 1 or not (dry_run or shutil.which("taskset")):
+    return [(g, None) for g in gpus]
+  return list(zip(gpus, cpu_groups(args.num_cpus, len(gpus))))
 
 
 def main(
@@ -191,17 +230,17 @@ def main(
       runner.comment(f"job {job.name} on all GPUs")
       runner.run(job_command(args, job, extra, None), cwd=jobs_lib.REPO)
     return
-  groups = gpu_groups(args.num_gpus or count_gpus(), args.gpus_per_job)
+  groups = slots_of(args, runner.dry_run)
   if not runner.dry_run:
     _run_parallel(args, jobs, extra, runner, groups)
     return
   for i, job in enumerate(jobs):
-    group = groups[i % len(groups)]
+    gpus, cpus = groups[i % len(groups)]
     runner.comment(
-      f"job {job.name} on GPUs {group} (up to {len(groups)} "
+      f"job {job.name} on GPUs {gpus} (up to {len(groups)} "
       f"at once), log {args.log_dir}/{job.name}.log"
     )
-    runner.run(job_command(args, job, extra, group))
+    runner.run(job_command(args, job, extra, gpus, cpus))
 
 
 def cli(argv: Sequence[str] | None = None, out: TextIO | None = None) -> None:

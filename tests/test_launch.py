@@ -801,10 +801,16 @@ def test_gpu_dry_run_gpu_groups(tiny_config):
       "--sweep",
       "--gpus-per-job=2",
       "--num-gpus=4",
+      "--num-cpus=8",
     ],
   )
   runs = commands(lines)
   assert [flag(t, "CUDA_VISIBLE_DEVICES") for t in runs] == ["0,1", "2,3"] * 3
+  # Each of the 2 slots is pinned to half of the 8 cores.
+  assert [t[3:6] for t in runs] == [
+    ["taskset", "-c", "0,1,2,3"],
+    ["taskset", "-c", "4,5,6,7"],
+  ] * 3
   check_tiny_jobs(
     [main_args(t) for t in runs], tiny_config, "/runs/exp", distributed=False
   )
@@ -818,6 +824,13 @@ def test_gpu_dry_run_gpu_groups(tiny_config):
         "--num_gpus=4",
       ],
     )
+
+
+def test_gpu_cpu_groups_split_the_cores():
+  assert gpu_host.cpu_groups(8, 3) == ["0,1", "2,3", "4,5"]
+  assert gpu_host.cpu_groups(2, 4) == ["0", "1", "1", "1"]  # more slots
+  mine = sorted(os.sched_getaffinity(0))
+  assert gpu_host.cpu_groups(0, 1) == [",".join(map(str, mine))]
 
 
 def _fake_python(path, record_dir):
