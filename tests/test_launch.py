@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from launch import gpu_host, slurm, tpu_remote, tpu_vm
+from launch import gpu_host, slurm, tpu_remote, tpu_steps, tpu_vm
 from launch import jobs as jobs_lib
 
 REPO = jobs_lib.REPO
@@ -597,6 +597,18 @@ def test_tpu_preempted_vm_is_recreated_and_the_job_resumes():
   assert "restart 1/3: resuming" in cloud.out.getvalue()
 
 
+def test_tpu_resume_after_preemption_skips_finished_jobs(tiny_config):
+  only = "--only=valence_fold0,arousal_fold0"
+  cloud = FakeCloud(polls=[DONE, "preempted", DONE])
+  _run_fake(cloud, f"--config={tiny_config}", "--sweep", only)
+  starts = [_started_main_args(c) for c in cloud.calls if _kind(c) == "start"]
+  workdirs = [flag(a, "--workdir") for a in starts]
+  assert (
+    workdirs
+    == ["gs://bkt/run/valence_fold0"] + ["gs://bkt/run/arousal_fold0"] * 2
+  )
+
+
 def test_tpu_gives_up_after_max_restarts():
   cloud = FakeCloud(polls=["preempted"] * 3)
   with pytest.raises(RuntimeError, match="--max_restarts=1"):
@@ -639,7 +651,7 @@ def test_tpu_lost_process_restarts_the_job():
 
 
 def test_tpu_lost_connection_while_ready_reports_reattach():
-  polls = ["lost"] * tpu_vm.MAX_POLL_FAILURES
+  polls = ["lost"] * tpu_steps.MAX_POLL_FAILURES
   cloud = FakeCloud(polls=polls, state="READY")
   with pytest.raises(RuntimeError, match="reattach"):
     _run_fake(cloud, "--steps=run,delete")
