@@ -8,14 +8,15 @@ directory on every worker, `~/affjax-runs/<job>/`, holding
 
   worker.log   the job's stdout and stderr on this worker
   pid          the wrapper's pid (its process group: setsid makes it leader)
+  command      the job's command line
   exit_code    written (atomically) when the job has finished
 
 and, with a `gs://` workdir, the log is also copied to
 `<workdir>/logs/<hostname>.log` every few minutes and at the end, so it
 outlives a preempted VM. The start command is idempotent: a job that is
 running is left alone (the launcher reattaches), one that finished with
-status 0 is not started again, anything else starts (affjax resumes from
-the latest checkpoint in the workdir).
+status 0 with the same command line is not started again, anything else
+starts (affjax resumes from the latest checkpoint in the workdir).
 """
 
 from __future__ import annotations
@@ -117,15 +118,19 @@ def start_command(job: jobs_lib.Job, extra: Sequence[str]) -> str:
   per line.
   """
   d = run_dir(job)
+  # A finished job counts only if it ran this very command: after a change
+  # of arguments the same job name runs again.
+  cmd = shlex.quote(main_command(job, extra))
   return " ".join(
     [
       f"mkdir -p {d};",
       f"if {_alive(d)}; then",
       f'echo "affjax: {job.name} is running on $(hostname): reattaching";',
-      f'elif [ "$(cat {d}/exit_code 2>/dev/null)" = 0 ]; then',
+      f'elif [ "$(cat {d}/exit_code 2>/dev/null)" = 0 ]',
+      f'&& [ "$(cat {d}/command 2>/dev/null)" = {cmd} ]; then',
       f'echo "affjax: {job.name} already finished on $(hostname)";',
       "else",
-      f"rm -f {d}/exit_code;",
+      f"rm -f {d}/exit_code; printf %s {cmd} > {d}/command;",
       f'echo "=== affjax start $(date -u +%FT%TZ)" >> {d}/worker.log;',
       f"setsid nohup bash -c {shlex.quote(_wrapper(job, extra))}",
       "affjax-job > /dev/null 2>&1 < /dev/null &",

@@ -173,17 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_all(tpu: Tpu, steps: set[str]) -> bool:
   """create/copy/install/run once; False if a job was interrupted."""
   reused = "create" in steps and tpu_steps.ensure_tpu(tpu)
-  # On a reused TPU, a job that runs or ran means the code is installed:
-  # reattach instead of unpacking new code under a running job.
-  started = reused and any(
-    states and set(states.values()) != {"absent"}
+  # On a reused TPU a running job means the code is installed: reattach
+  # instead of unpacking new code under it. Otherwise copy and install (a
+  # rerun after a failure gets the fixed code).
+  running = reused and any(
+    states and "running" in states.values()
     for states in (tpu_steps.job_states(tpu, job) for job in tpu.jobs)
   )
-  if started:
-    tpu.runner.comment(f"{tpu.name}: jobs found, reattaching")
-  if "copy" in steps and not started:
+  if running:
+    tpu.runner.comment(f"{tpu.name}: a job is running, reattaching")
+  if "copy" in steps and not running:
     tpu_steps.copy_code(tpu)
-  if "install" in steps and not started:
+  if "install" in steps and not running:
     tpu_steps.install(tpu)
   if "run" in steps:
     for job in tpu.jobs:

@@ -184,7 +184,10 @@ def _remote(tokens) -> str:
 
 def _started_main_args(tokens) -> list[str]:
   """`affjax.main` arguments of the job a start command runs detached."""
-  wrapper = next(t for t in shlex.split(_remote(tokens)) if "affjax.main" in t)
+  words = shlex.split(_remote(tokens))
+  i = words.index("nohup")
+  assert words[i + 1 : i + 3] == ["bash", "-c"]
+  wrapper = words[i + 3]
   line = next(x for x in wrapper.split("; ") if "affjax.main" in x)
   inner = shlex.split(line)
   return main_args(inner)[: inner.index(")") - inner.index("affjax.main") - 1]
@@ -632,7 +635,7 @@ def test_tpu_lost_process_restarts_the_job():
   cloud = FakeCloud(polls=[RUNNING, lost, RUNNING, DONE], state="READY")
   assert _run_fake(cloud) == [
     "describe",
-    "status",  # probe: started before, so no new code
+    "status",  # probe: running, so no new code
     "start",
     "status",
     "log",
@@ -647,6 +650,22 @@ def test_tpu_lost_process_restarts_the_job():
     "storage-ls",
     "storage-cp",
     "delete",
+  ]
+
+
+def test_tpu_rerun_after_a_failure_on_a_kept_vm_copies_new_code():
+  failed = {"w0": "exit 1", "w1": "exit 1"}
+  cloud = FakeCloud(polls=[failed, DONE], state="READY")
+  kinds = _run_fake(cloud, "--steps=create,copy,install,run")
+  assert kinds == [
+    "describe",
+    "status",  # probe: nothing runs
+    "tar",
+    "scp",
+    "install",
+    "start",
+    "status",
+    "log",
   ]
 
 
@@ -758,12 +777,21 @@ def test_remote_scripts_detach_log_status_stop_and_restart(
     "/logs/" + os.uname().nodename + ".log"
   )
 
+  # The finished job with other arguments runs again.
+  gate.write_text("")
+  other = tpu_remote.start_command(job, ["--config.seed=4"])
+  _bash(other, home, bin_dir)
+  assert _wait_status(job, home, bin_dir, "running") == ["running"]
+  gate.write_text("0")
+  assert _wait_status(job, home, bin_dir, "exit 0") == ["exit 0"]
+  assert (tmp_path / "starts").read_text().count("started") == 2
+
   # A failed run is started again (resume); stop ends it.
   (home / "affjax-runs" / "valence_fold0" / "exit_code").write_text("1\n")
   gate.write_text("")
-  _bash(start, home, bin_dir)
+  _bash(other, home, bin_dir)
   assert _wait_status(job, home, bin_dir, "running") == ["running"]
-  assert (tmp_path / "starts").read_text().count("started") == 2
+  assert (tmp_path / "starts").read_text().count("started") == 3
   _bash(tpu_remote.stop_command(job), home, bin_dir)
   # The wrapper dies with its group, so no exit code: "absent".
   assert _wait_status(job, home, bin_dir, "absent") == ["absent"]
