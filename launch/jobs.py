@@ -310,7 +310,11 @@ class Runner:
   ) -> Result:
     """Starts `argv` and waits for it."""
     if capture:
-      popen_kwargs.update(stdout=subprocess.PIPE, text=True)
+      # surrogateescape: undecodable bytes (a log cut inside a UTF-8
+      # character) survive and can be encoded back to the exact bytes.
+      popen_kwargs.update(
+        stdout=subprocess.PIPE, text=True, errors="surrogateescape"
+      )
     done = subprocess.run(argv, check=False, **popen_kwargs)
     return Result(done.returncode, done.stdout if capture else "")
 

@@ -183,8 +183,9 @@ def _stream_log(tpu: Tpu, job: jobs_lib.Job, offset: int) -> int:
   )
   if r.returncode or not r.stdout:
     return offset
-  tpu.runner.write(r.stdout)
-  return offset + len(r.stdout.encode())
+  data = r.stdout.encode("utf-8", "surrogateescape")  # the bytes read
+  tpu.runner.write(data.decode("utf-8", "replace"))
+  return offset + len(data)
 
 
 def run_job(tpu: Tpu, job: jobs_lib.Job) -> bool:

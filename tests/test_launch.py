@@ -530,6 +530,20 @@ def test_tpu_detached_run_polls_streams_verifies_then_deletes():
   assert "affjax-status" not in out and "+ gcloud compute tpus" in out
 
 
+def test_runner_captures_undecodable_bytes_exactly(allow_commands):
+  """A log read from an offset can start inside a UTF-8 character."""
+  runner = jobs_lib.Runner(dry_run=False, out=io.StringIO())
+  r = runner.run(["printf", "\\251ok"], capture=True, echo=False)
+  assert r.stdout.encode("utf-8", "surrogateescape") == b"\xa9ok"
+
+
+def test_tpu_log_offsets_count_bytes():
+  cloud = FakeCloud(polls=[RUNNING, DONE], state="READY", log=["é\n"])
+  _run_fake(cloud, "--steps=run")
+  tails = [_remote(c).split()[2] for c in cloud.calls if _kind(c) == "log"]
+  assert tails == ["+1", "+4"]  # "é" is 2 bytes in UTF-8
+
+
 def test_tpu_failed_verification_keeps_the_vm():
   cloud = FakeCloud(polls=[DONE], state="READY", verified=False)
   with pytest.raises(RuntimeError, match="not verified"):
