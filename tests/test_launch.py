@@ -173,6 +173,10 @@ TPU_ARGS = [
   "--workdir=exp",
 ]
 GCLOUD_TPU = ["gcloud", "compute", "tpus", "tpu-vm"]
+# Before a run: pack the code, copy it to the workers, install.
+PREPARE = ["tar", "scp", "install"]
+# After a run: verify the two default files in the bucket, then fetch.
+COLLECT = ["mkdir", "storage-ls", "storage-ls", "storage-cp"]
 GCLOUD_QR = ["gcloud", "compute", "tpus", "queued-resources"]
 
 
@@ -240,16 +244,11 @@ def test_tpu_dry_run_exact_commands_per_family(accelerator, runtime):
   cmds = commands(lines)
   assert [_kind(c) for c in cmds] == [
     "create",
-    "tar",
-    "scp",
-    "install",
+    *PREPARE,
     "start",
     "status",
     "log",
-    "mkdir",
-    "storage-ls",
-    "storage-ls",
-    "storage-cp",
+    *COLLECT,
     "delete",
   ]
   assert cmds[0] == GCLOUD_TPU + [
@@ -509,15 +508,10 @@ def test_tpu_detached_run_polls_streams_verifies_then_deletes():
     "describe",
     "create",
     "describe",
-    "tar",
-    "scp",
-    "install",
+    *PREPARE,
     "start",
     *["status", "log"] * 3,
-    "mkdir",
-    "storage-ls",
-    "storage-ls",
-    "storage-cp",
+    *COLLECT,
     "delete",
   ]
   assert cloud.slept == 60  # two polls saw a running worker
@@ -578,10 +572,7 @@ def test_tpu_reattaches_to_a_running_job():
     "status",  # probe: the job runs
     "start",  # idempotent: the workers print "reattaching"
     *["status", "log"] * 3,
-    "mkdir",
-    "storage-ls",
-    "storage-ls",
-    "storage-cp",
+    *COLLECT,
   ]
   assert "reattaching" in cloud.out.getvalue()
 
@@ -589,7 +580,7 @@ def test_tpu_reattaches_to_a_running_job():
 def test_tpu_preempted_vm_is_recreated_and_the_job_resumes():
   cloud = FakeCloud(polls=[RUNNING, "lost", "preempted", RUNNING, DONE])
   kinds = _run_fake(cloud, "--spot")
-  once = ["describe", "create", "describe", "tar", "scp", "install", "start"]
+  once = ["describe", "create", "describe", *PREPARE, "start"]
   assert (
     kinds
     == [
@@ -659,10 +650,7 @@ def test_tpu_lost_process_restarts_the_job():
     "start",
     "status",
     "log",
-    "mkdir",
-    "storage-ls",
-    "storage-ls",
-    "storage-cp",
+    *COLLECT,
     "delete",
   ]
 
@@ -674,9 +662,7 @@ def test_tpu_rerun_after_a_failure_on_a_kept_vm_copies_new_code():
   assert kinds == [
     "describe",
     "status",  # probe: nothing runs
-    "tar",
-    "scp",
-    "install",
+    *PREPARE,
     "start",
     "status",
     "log",
