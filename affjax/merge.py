@@ -25,17 +25,17 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from affjax import ensemble, evaluate
+from affjax import ensemble, evaluate, io
 
 PathLike = str | os.PathLike
 
 
 def _list_trials(pred_dir: str) -> set[str]:
-  if not os.path.isdir(pred_dir):
+  if not io.isdir(pred_dir):
     raise FileNotFoundError(f"prediction directory {pred_dir} does not exist")
   trials = {
     f[:-4]
-    for f in os.listdir(pred_dir)
+    for f in io.listdir(pred_dir)
     if f.endswith(".txt") and not f.startswith(".")
   }
   if not trials:
@@ -77,7 +77,7 @@ def _gather(
   per_emotion: dict[str, list[np.ndarray]] = {e: [] for e in emotions}
   length, first = None, None
   for d in dirs:
-    path = os.path.join(d, f"{trial}.txt")
+    path = io.join(d, f"{trial}.txt")
     names, data = evaluate.read_prediction_file(path)
     if length is None:
       length, first = data.shape[0], path
@@ -146,6 +146,6 @@ def merge_folds(
   # submission behind.
   for trial, series in merged.items():
     evaluate.write_prediction_file(
-      os.path.join(out_dir, f"{trial}.txt"), series, emotions
+      io.join(out_dir, f"{trial}.txt"), series, emotions
     )
   return merged
