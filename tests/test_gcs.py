@@ -58,6 +58,9 @@ def _argv(workdir, data_root, *extra):
       f"--config.data.{k}_dir={os.path.join(data_root, k)}"
       for k in ("raw", "cache", "tfds")
     ),
+    # Two epochs: the kill lands in the second checkpoint's save, the rerun
+    # finishes it.
+    "--config.train.max_epochs=2",
     *extra,
   ]
 
@@ -98,7 +101,13 @@ def test_url_data_dir_is_refused_naming_the_key():
 def test_train_kill_resume_evaluate_merge_in_bucket(gcs, tmp_path):
   workdir = f"gs://{gcs.bucket}/run"
   data_root = str(tmp_path / "data")
-  env = dict(gcs.env)
+  # A compilation cache shared by the four children keeps the reruns short.
+  env = dict(
+    gcs.env,
+    JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
   log_path = str(tmp_path / "train.txt")
   ckpt_prefix = "run/checkpoints/"
 
@@ -128,7 +137,8 @@ def test_train_kill_resume_evaluate_merge_in_bucket(gcs, tmp_path):
   summary = ast.literal_eval(
     re.findall(r"Training done: (\{.*\})", final.stderr)[-1]
   )
-  assert max(_checkpoint_steps(gcs, ckpt_prefix)) == summary["epochs"]
+  assert summary["epochs"] == 2
+  assert max(_checkpoint_steps(gcs, ckpt_prefix)) == 2
   assert not any("tmp" in n for n in _objects(gcs, ckpt_prefix))
 
   # 3. --mode=evaluate reads the bucket checkpoint, writes to the bucket.
