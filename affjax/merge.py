@@ -7,7 +7,8 @@ A directory may hold all emotions (one two-head run per fold) or only some
 directories); header names are matched case-insensitively, so the
 reference's own per-emotion outputs (header `Valence`) are accepted too.
 For each trial and emotion, the series of every directory that has that
-emotion are merged with `affjax.ensemble.ccc_centering` (float64) and then
+emotion are merged with `affjax.ensemble.ccc_centering` (float64, on the
+host CPU whatever the default device) and then
 clipped to [-1, 1], as the reference's script/generate_test_result.py does.
 
 Output: one `<trial>.txt` per trial in `out_dir`, header
@@ -139,8 +140,9 @@ def merge_folds(
   merged = {}
   for trial in _check_trial_sets(dirs, trials):
     stacked = _gather(dirs, trial, emotions)
-    # Float64 as in the reference (its 1e-100 stabiliser needs it).
-    with jax.enable_x64(True):
+    # Float64 as in the reference (its 1e-100 stabiliser needs it), on the
+    # host's CPU: the default device may be a TPU, which has no float64.
+    with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
       merged[trial] = np.asarray(ensemble.merge_folds(stacked), np.float64)
   # Write only after every trial merged, so a bad input leaves no partial
   # submission behind.

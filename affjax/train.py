@@ -54,6 +54,7 @@ RESUME_SAFE_KEYS = (
   "data.raw_dir",
   "data.cache_dir",
   "data.tfds_dir",
+  "data.memory_cache_gb",
   "train.log_every_steps",
   "train.max_in_flight",
   "train.prefetch",
