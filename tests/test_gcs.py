@@ -4,11 +4,13 @@
 and the ordinary clients (orbax/TensorStore, TensorFlow's GCS file system for
 TensorBoard summaries and `etils.epath`) pointed at the emulator: trained and
 `kill -9`ed once the second checkpoint's first object is in the bucket,
-rerun (resumes from the bucket), evaluated, and two fold directories in the
-bucket merged into the bucket. The data directories stay local (they must).
+rerun (resumes from the bucket), evaluated, two fold directories in the
+bucket merged into the bucket, and a video predicted from the bucket
+checkpoint into the bucket. The data directories stay local (they must).
 """
 
 import ast
+import glob
 import json
 import os
 import re
@@ -34,10 +36,12 @@ def gcs(tmp_path_factory):
 
 
 def _objects(gcs, prefix: str) -> list[str]:
+  """Object names under `prefix`, without "dir/" markers (as mkdir makes)."""
   query = urllib.parse.urlencode({"prefix": prefix})
   url = f"{gcs.api_url}/storage/v1/b/{gcs.bucket}/o?{query}"
   with urllib.request.urlopen(url, timeout=30) as r:
-    return sorted(o["name"] for o in json.load(r).get("items", []))
+    names = [o["name"] for o in json.load(r).get("items", [])]
+  return sorted(n for n in names if not n.endswith("/"))
 
 
 def _download(gcs, name: str) -> bytes:
@@ -191,3 +195,27 @@ def test_train_kill_resume_evaluate_merge_in_bucket(gcs, tmp_path):
     np.testing.assert_allclose(
       np.loadtxt(lines[1:], delimiter=","), want[t], rtol=1e-8
     )
+
+  # 5. --mode=predict restores the bucket checkpoint and writes its CSV, PNG
+  #    and JSON to the bucket (the video itself is a local file).
+  video = min(glob.glob(os.path.join(data_root, "raw", "videos", "*.mp4")))
+  stem = os.path.splitext(os.path.basename(video))[0]
+  predicted = rh.run(
+    _argv(
+      workdir,
+      data_root,
+      "--mode=predict",
+      f"--video={video}",
+      f"--out={workdir}/predict",
+    ),
+    timeout=600,
+    **env,
+  )
+  assert predicted.returncode == 0, predicted.stderr[-5000:]
+  assert _objects(gcs, "run/predict/") == [
+    f"run/predict/{stem}.{k}" for k in ("csv", "json", "png")
+  ]
+  info = json.loads(_download(gcs, f"run/predict/{stem}.json"))
+  rows = _download(gcs, f"run/predict/{stem}.csv").decode().splitlines()
+  assert rows[0] == "frame,time_s,valence,arousal,face_found"
+  assert len(rows) == info["n_frames"] + 1
