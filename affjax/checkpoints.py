@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,6 +29,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from affjax import io
+
 PyTree = Any
 
 BEST_METRIC = "ccc_mean"
@@ -37,7 +38,7 @@ BEST_METRIC = "ccc_mean"
 
 def directory(workdir: str) -> str:
   """Where a run keeps its checkpoints."""
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return io.join(io.absolute(workdir), "checkpoints")
 
 
 def _best_metric(metrics: Mapping[str, float]) -> float:
@@ -63,7 +64,7 @@ def create_manager(
     FileNotFoundError: when `read_only` and the directory does not exist.
   """
   path = directory(workdir)
-  if read_only and not os.path.isdir(path):
+  if read_only and not io.isdir(path):
     raise FileNotFoundError(
       f"no checkpoint directory {path}; train first with --workdir={workdir}"
     )

@@ -30,14 +30,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
-from affjax import metrics
+from affjax import io, metrics
 
 Batch = Mapping[str, np.ndarray]
 PredictFn = Callable[[Batch], Any]
@@ -245,20 +243,8 @@ def scalars(results: Results, prefix: str = "") -> dict[str, float]:
 def _atomic_write(
   path: str, write: Callable[[Any], None], mode: str = "w"
 ) -> None:
-  """Writes through `write(file)` to a temp file, then renames onto path."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(
-    dir=directory, prefix=f".{os.path.basename(path)}."
-  )
-  try:
-    with os.fdopen(fd, mode) as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Whole-file write to a local path or a URL (see `affjax.io`)."""
+  io.atomic_write(path, write, mode)
 
 
 def _json_safe(x: Any) -> Any:
@@ -309,7 +295,7 @@ def read_prediction_file(path: str) -> tuple[list[str], np.ndarray]:
     ValueError: on an empty/bad header, unparsable rows, a wrong number of
       columns or NaN/inf values, naming the file (and row).
   """
-  with open(path) as f:
+  with io.open_file(path) as f:
     header = f.readline().strip()
     names = [h.strip().lower() for h in header.split(",")]
     if not header or any(not n for n in names) or len(set(names)) != len(names):
@@ -389,11 +375,11 @@ def write_outputs(
   """Writes results.json, predictions/<trial>.txt and plots/<trial>.png."""
   for i, name in enumerate(split.trial_names):
     write_prediction_file(
-      os.path.join(out_dir, "predictions", f"{name}.txt"), stitched[i], emotions
+      io.join(out_dir, "predictions", f"{name}.txt"), stitched[i], emotions
     )
     if plots:
       plot_trial(
-        os.path.join(out_dir, "plots", f"{name}.png"),
+        io.join(out_dir, "plots", f"{name}.png"),
         name,
         stitched[i],
         np.asarray(split.labels[i]),
@@ -402,7 +388,7 @@ def write_outputs(
         results["trials"][name],
       )
   # Last, so that its presence means the directory is complete.
-  write_results(os.path.join(out_dir, "results.json"), results)
+  write_results(io.join(out_dir, "results.json"), results)
 
 
 def evaluate_predictions(

@@ -152,6 +152,13 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
   write_text(path, text + "\n")
 
 
+def open_file(path: str | os.PathLike, mode: str = "r"):
+  """Opens a local file or a URL for reading (`mode` "r" or "rb")."""
+  if mode not in ("r", "rb"):
+    raise ValueError(f"open_file is for reading; use atomic_write ({mode!r})")
+  return epath.Path(os.fspath(path)).open(mode)
+
+
 def read_text(path: str | os.PathLike) -> str:
   return epath.Path(os.fspath(path)).read_text()
 

@@ -13,7 +13,6 @@ slices, SLURM) or the explicit coordinator flags.
 """
 
 import difflib
-import os
 import re
 import sys
 
@@ -178,14 +177,12 @@ def _require(name: str) -> None:
 
 
 def _merge() -> None:
-  from affjax import merge  # pylint: disable=g-import-not-at-top
+  from affjax import io, merge  # pylint: disable=g-import-not-at-top
 
   _require("fold_dirs")
   _require("out")
   dirs = [
-    os.path.join(d, "predictions")
-    if os.path.isdir(os.path.join(d, "predictions"))
-    else d
+    io.join(d, "predictions") if io.isdir(io.join(d, "predictions")) else d
     for d in FLAGS.fold_dirs
   ]
   merged = merge.merge_folds(dirs, FLAGS.out, tuple(FLAGS.emotions))

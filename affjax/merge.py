@@ -7,7 +7,8 @@ A directory may hold all emotions (one two-head run per fold) or only some
 directories); header names are matched case-insensitively, so the
 reference's own per-emotion outputs (header `Valence`) are accepted too.
 For each trial and emotion, the series of every directory that has that
-emotion are merged with `affjax.ensemble.ccc_centering` (float64) and then
+emotion are merged with `affjax.ensemble.ccc_centering` (float64, on the
+host CPU whatever the default device) and then
 clipped to [-1, 1], as the reference's script/generate_test_result.py does.
 
 Output: one `<trial>.txt` per trial in `out_dir`, header
@@ -25,17 +26,17 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from affjax import ensemble, evaluate
+from affjax import ensemble, evaluate, io
 
 PathLike = str | os.PathLike
 
 
 def _list_trials(pred_dir: str) -> set[str]:
-  if not os.path.isdir(pred_dir):
+  if not io.isdir(pred_dir):
     raise FileNotFoundError(f"prediction directory {pred_dir} does not exist")
   trials = {
     f[:-4]
-    for f in os.listdir(pred_dir)
+    for f in io.listdir(pred_dir)
     if f.endswith(".txt") and not f.startswith(".")
   }
   if not trials:
@@ -77,7 +78,7 @@ def _gather(
   per_emotion: dict[str, list[np.ndarray]] = {e: [] for e in emotions}
   length, first = None, None
   for d in dirs:
-    path = os.path.join(d, f"{trial}.txt")
+    path = io.join(d, f"{trial}.txt")
     names, data = evaluate.read_prediction_file(path)
     if length is None:
       length, first = data.shape[0], path
@@ -139,13 +140,14 @@ def merge_folds(
   merged = {}
   for trial in _check_trial_sets(dirs, trials):
     stacked = _gather(dirs, trial, emotions)
-    # Float64 as in the reference (its 1e-100 stabiliser needs it).
-    with jax.enable_x64(True):
+    # Float64 as in the reference (its 1e-100 stabiliser needs it), on the
+    # host's CPU: the default device may be a TPU, which has no float64.
+    with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
       merged[trial] = np.asarray(ensemble.merge_folds(stacked), np.float64)
   # Write only after every trial merged, so a bad input leaves no partial
   # submission behind.
   for trial, series in merged.items():
     evaluate.write_prediction_file(
-      os.path.join(out_dir, f"{trial}.txt"), series, emotions
+      io.join(out_dir, f"{trial}.txt"), series, emotions
     )
   return merged

@@ -50,7 +50,6 @@ import dataclasses
 import functools
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -58,7 +57,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from affjax import checkpoints
+from affjax import checkpoints, io
 from affjax import face as face_lib
 
 AUDIO_FEATURES = ("vggish", "mfcc", "egemaps")
@@ -363,8 +362,8 @@ def load_model(
   from affjax import sharding, train_state
 
   # pylint: enable=g-import-not-at-top
-  workdir = os.path.abspath(workdir)
-  if not os.path.isdir(workdir):
+  workdir = io.absolute(workdir)
+  if not io.isdir(workdir):
     raise FileNotFoundError(f"workdir {workdir} does not exist")
   manager = checkpoints.create_manager(workdir, read_only=True)
   if step is None:
@@ -752,17 +751,8 @@ def predict_video(
 def _atomic_write(
   path: str, write: Callable[[Any], None], mode: str = "w"
 ) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-  try:
-    with os.fdopen(fd, mode) as f:
-      write(f)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Whole-file write to a local path or a URL (see `affjax.io`)."""
+  io.atomic_write(path, write, mode)
 
 
 def csv_text(prediction: Prediction) -> str:
@@ -779,7 +769,7 @@ def csv_text(prediction: Prediction) -> str:
 
 def read_csv(path: str) -> tuple[list[str], np.ndarray, np.ndarray]:
   """Reads a prediction CSV: (emotions, values `[T, E]`, face_found `[T]`)."""
-  with open(path) as f:
+  with io.open_file(path) as f:
     header = f.readline().strip().split(",")
     rows = [line.strip().split(",") for line in f if line.strip()]
   if header[:2] != ["frame", "time_s"] or header[-1] != "face_found":
@@ -840,11 +830,9 @@ def write_outputs(
   prediction: Prediction, out_dir: str, detector_settings: Any = None
 ) -> dict[str, str]:
   """Writes `<stem>.csv`, `<stem>.png` and `<stem>.json` into `out_dir`."""
-  os.makedirs(out_dir, exist_ok=True)
+  io.makedirs(out_dir)
   stem = os.path.splitext(os.path.basename(prediction.video))[0]
-  paths = {
-    k: os.path.join(out_dir, f"{stem}.{k}") for k in ("csv", "png", "json")
-  }
+  paths = {k: io.join(out_dir, f"{stem}.{k}") for k in ("csv", "png", "json")}
   text = csv_text(prediction)
   _atomic_write(paths["csv"], lambda f: f.write(text))
   plot(paths["png"], prediction)
@@ -904,7 +892,7 @@ def run(
     detector=detector,
     batch_size=batch_size,
   )
-  out_dir = out_dir or os.path.join(models[0].workdir, "predict")
+  out_dir = out_dir or io.join(models[0].workdir, "predict")
   write_outputs(prediction, out_dir, detector.settings)
   logging.info("Wrote %s", ", ".join(prediction.paths.values()))
   return prediction

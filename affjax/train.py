@@ -39,7 +39,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
 
-from affjax import checkpoints, losses, optim, sharding
+from affjax import checkpoints, io, losses, optim, sharding
 from affjax import train_state as ts
 from affjax.train_state import Setup, TrainState
 
@@ -54,6 +54,7 @@ RESUME_SAFE_KEYS = (
   "data.raw_dir",
   "data.cache_dir",
   "data.tfds_dir",
+  "data.memory_cache_gb",
   "train.log_every_steps",
   "train.max_in_flight",
   "train.prefetch",
@@ -601,7 +602,7 @@ def train_and_evaluate(
     "epochs", "stop_reason", "step"}`.
   """
   ts.check_config(config)
-  workdir = os.path.abspath(workdir)
+  workdir = io.absolute(workdir)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(
     config.train.batch_size, mesh, "config.train.batch_size"
@@ -808,7 +809,7 @@ def evaluate_checkpoint(
     and `"out_dir"`.
   """
   ts.check_config(config)
-  workdir = os.path.abspath(workdir)
+  workdir = io.absolute(workdir)
   split = split or config.eval.split
   manager = checkpoints.create_manager(workdir, read_only=True)
   step = manager.best_step() if step is None else step
@@ -830,7 +831,7 @@ def evaluate_checkpoint(
   paths = _prepare_data(config, workdir)
   data_split = pipeline.load_split(config.data, paths, split)
   pipeline.require_trials(data_split, paths, config.data.fold)
-  out_dir = out_dir or os.path.join(workdir, "eval", f"{split}_{step}")
+  out_dir = out_dir or io.join(workdir, "eval", f"{split}_{step}")
   results = evaluate_split(
     program.eval_step,
     state,

@@ -95,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.raw_dir = ""  # '' -> <workdir>/data/raw
   c.data.cache_dir = ""  # '' -> <workdir>/data/cache
   c.data.tfds_dir = ""  # '' -> <workdir>/data/tfds
+  # GiB of decoded trials each process keeps in memory across epochs; None =
+  # 40% of the host's RAM split between the job's processes on the host.
+  c.data.memory_cache_gb = ml_collections.config_dict.placeholder(float)
   c.data.synthetic = ml_collections.ConfigDict()  # generator settings
   c.data.fold = 0  # cross-validation fold, 0..5
   c.data.window_length = 300  # frames per window

@@ -156,3 +156,37 @@ def test_missing_emotion_and_missing_dir(tmp_path):
     merge.merge_folds(dirs, tmp_path / "out", ("valence", "dominance"))
   with pytest.raises(FileNotFoundError, match="nope"):
     merge.merge_folds([tmp_path / "nope"], tmp_path / "out")
+
+
+def test_merge_runs_in_float64_on_a_cpu_device(tmp_path, monkeypatch):
+  """The merge's arrays live on the host CPU in float64.
+
+  On this CPU-only machine the default device is a CPU too, so this pins the
+  dtype and the placement the merge asks for, not a TPU's absence of f64.
+  """
+  from affjax import ensemble
+
+  seen = []
+  real = ensemble.merge_folds
+
+  def spy(x):
+    out = real(x)
+    seen.append((out.dtype, {d.platform for d in out.devices()}))
+    return out
+
+  monkeypatch.setattr(ensemble, "merge_folds", spy)
+  trials = {"a": 30, "b": 20}
+  folds = []
+  for i in range(3):
+    (tmp_path / f"f{i}").mkdir()
+    folds.append(
+      _write_fold(tmp_path / f"f{i}", trials, ("valence", "arousal"), seed=i)
+    )
+  got = merge.merge_folds(
+    [tmp_path / f"f{i}" for i in range(3)], tmp_path / "o"
+  )
+  assert seen == [(np.float64, {"cpu"})] * 2
+  for name in trials:
+    for k in range(2):
+      want = _centering_loop(np.stack([f[name][:, k] for f in folds]))
+      np.testing.assert_allclose(got[name][:, k], want, rtol=0, atol=1e-12)

@@ -17,7 +17,9 @@ Options (all optional):
     passed to preprocessing instead.
   config.data.preprocess: `PreprocessSettings` fields, `num_workers`,
     `test_list`.
-Empty `raw_dir`/`cache_dir`/`tfds_dir` mean `<workdir>/data/{raw,cache,tfds}`.
+Empty `raw_dir`/`cache_dir`/`tfds_dir` mean `<workdir>/data/{raw,cache,tfds}`;
+for a URL workdir (`gs://...`) they mean a local directory instead (see
+`local_data_base`): all three must be local paths.
 
 The stages' modules are imported inside the functions: importing this module
 stays cheap, and TensorFlow is only loaded when the TFDS stage runs.
@@ -36,24 +38,61 @@ from typing import Any
 
 from absl import logging
 
+from affjax import io
+
 _RUN_OPTIONS = ("num_workers", "test_list")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataPaths:
-  """Where a config's data lives (absolute paths)."""
+  """Where a config's data lives (absolute local paths)."""
 
   raw_dir: str
   cache_dir: str
   tfds_dir: str
 
 
+# Where the data of a run whose workdir is a URL goes by default.
+LOCAL_DATA_ROOT = "~/.cache/affjax/workdirs"
+
+
+def local_data_base(workdir: str) -> str:
+  """The local directory whose `data/` holds a run's data by default.
+
+  A local workdir is its own base. For a URL workdir (`gs://bucket/run`) it
+  is `~/.cache/affjax/workdirs/gs/bucket/run`: the feature cache is read by
+  memory-mapping numpy files and written by worker processes, which needs a
+  local file system, so data never defaults to a bucket.
+  """
+  if not io.is_url(workdir):
+    return io.absolute(workdir)
+  scheme, rest = io.absolute(workdir).split("://", 1)
+  return os.path.join(os.path.expanduser(LOCAL_DATA_ROOT), scheme, rest)
+
+
 def resolve_paths(data_config: Any, workdir: str) -> DataPaths:
-  """Config paths, '' replaced by `<workdir>/data/{raw,cache,tfds}`."""
+  """Config paths, '' replaced by `<local base>/data/{raw,cache,tfds}`.
+
+  Raises:
+    ValueError: a data directory is a URL. Preprocessing and the input
+      pipeline read and write local files (memory-mapped numpy arrays, worker
+      processes, TFDS shards): copy a dataset kept in a bucket to local disk
+      first (`gcloud storage rsync -r gs://... DIR`) and point the key there.
+  """
 
   def pick(key, default):
-    value = data_config.get(key, "") or os.path.join(workdir, "data", default)
-    return os.path.abspath(os.path.expanduser(value))
+    value = data_config.get(key, "")
+    if value and io.is_url(value):
+      raise ValueError(
+        f"config.data.{key}={value!r}: data directories must be local paths "
+        "(the feature cache is memory-mapped and written by worker "
+        "processes); copy it to local disk first, e.g. `gcloud storage rsync "
+        f"-r {value} /data/{default}`, and set config.data.{key} to that "
+        "directory"
+      )
+    if not value:
+      value = os.path.join(local_data_base(workdir), "data", default)
+    return io.absolute(value)
 
   return DataPaths(
     pick("raw_dir", "raw"), pick("cache_dir", "cache"), pick("tfds_dir", "tfds")

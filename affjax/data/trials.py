@@ -13,7 +13,8 @@ store.arrays[key]  [N + 1, ...]  trial i: rows offsets[i] + [0, lengths[i])
 
 so a batch of windows is a single gather of row indices. Stores are kept
 (LRU) while their total size stays within the memory budget
-(`config.data.memory_cache_gb`, default 40% of the host's RAM), so every
+(`config.data.memory_cache_gb` per process, default 40% of the host's RAM
+shared by the job's processes on that host), so every
 epoch after the first reads memory only. Each store is filled trial by
 trial into preallocated variables, so loading never holds two copies.
 """
@@ -23,8 +24,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -81,15 +83,58 @@ def row_bytes(builder: Any, keys: Sequence[str]) -> int:
   return total
 
 
-def budget_bytes(data_config: Any) -> int:
-  """Memory the stores may hold: `config.data.memory_cache_gb` or 40% RAM."""
+ENV_LOCAL_PROCESS_COUNT = "AFFJAX_LOCAL_PROCESS_COUNT"
+
+
+def local_process_count(env: Mapping[str, str] | None = None) -> int:
+  """How many processes of this job share this host's RAM.
+
+  In order: `AFFJAX_LOCAL_PROCESS_COUNT`; SLURM's tasks per node
+  (`SLURM_NTASKS_PER_NODE`, or the largest count in `SLURM_TASKS_PER_NODE`,
+  e.g. "4(x2),3" -> 4); `LOCAL_WORLD_SIZE` (torchrun-style launchers); else
+  1, the Cloud TPU VM layout of one process per host.
+
+  Raises:
+    ValueError: a variable that is set is not a positive count.
+  """
+  env = os.environ if env is None else env
+  for name in (ENV_LOCAL_PROCESS_COUNT, "SLURM_NTASKS_PER_NODE"):
+    if env.get(name):
+      return _positive(env[name], name)
+  if env.get("SLURM_TASKS_PER_NODE"):
+    counts = re.findall(r"(\d+)(?:\(x\d+\))?", env["SLURM_TASKS_PER_NODE"])
+    if counts:
+      return max(_positive(c, "SLURM_TASKS_PER_NODE") for c in counts)
+  if env.get("LOCAL_WORLD_SIZE"):
+    return _positive(env["LOCAL_WORLD_SIZE"], "LOCAL_WORLD_SIZE")
+  return 1
+
+
+def _positive(value: str, name: str) -> int:
+  try:
+    count = int(value)
+  except ValueError:
+    count = 0
+  if count < 1:
+    raise ValueError(f"{name}={value!r}: expected a positive process count")
+  return count
+
+
+def budget_bytes(data_config: Any, env: Mapping[str, str] | None = None) -> int:
+  """Memory this process's stores may hold.
+
+  `config.data.memory_cache_gb` (per process) when set; otherwise 40% of
+  the host's RAM split evenly between the processes on the host
+  (`local_process_count`), so four processes on one node hold 40% together,
+  not 160%.
+  """
   gb = data_config.get("memory_cache_gb", None)
   if gb is not None:
     if gb < 0:
       raise ValueError(f"config.data.memory_cache_gb must be >= 0, got {gb}")
     return int(gb * 2**30)
   ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  return int(ram * DEFAULT_MEMORY_FRACTION)
+  return int(ram * DEFAULT_MEMORY_FRACTION) // local_process_count(env)
 
 
 @dataclasses.dataclass(frozen=True)
