@@ -39,7 +39,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
 
-from affjax import checkpoints, losses, optim, sharding
+from affjax import checkpoints, losses, optim, required_weights, sharding
 from affjax import train_state as ts
 from affjax.train_state import Setup, TrainState
 
@@ -175,7 +175,8 @@ def make_train_step(
         rngs={"dropout": dropout_key},
         mutable=["batch_stats"],
       )
-      loss = losses.ccc_loss(preds, batch["label"], batch["mask"])
+      mask = losses.training_mask(batch, setup.padding_in_loss)
+      loss = losses.ccc_loss(preds, batch["label"], mask, setup.loss_weights)
       return loss, updates
 
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -602,6 +603,7 @@ def train_and_evaluate(
   """
   ts.check_config(config)
   workdir = os.path.abspath(workdir)
+  required_weights.check(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(
     config.train.batch_size, mesh, "config.train.batch_size"
