@@ -165,3 +165,25 @@ def batches(entries: list, batch_size: int) -> list[list]:
   return [
     entries[i : i + batch_size] for i in range(0, len(entries), batch_size)
   ]
+
+
+def write_layout(
+  root: str,
+  npy: dict[str, dict[str, np.ndarray]],
+  dataset_partition: dict[str, dict[str, int]],
+  stats: dict,
+) -> None:
+  """Writes the authors' shared layout: `npy_data/<trial>/*.npy`,
+  `dataset_info.pkl` and `mean_std_dict.pkl` (see base/dataset.py)."""
+  import os
+  import pickle
+
+  for name, arrays in npy.items():
+    d = os.path.join(root, "npy_data", name)
+    os.makedirs(d, exist_ok=True)
+    for key, value in arrays.items():
+      np.save(os.path.join(d, key + ".npy"), value)
+  with open(os.path.join(root, "dataset_info.pkl"), "wb") as f:
+    pickle.dump({"partition": dataset_partition}, f)
+  with open(os.path.join(root, "mean_std_dict.pkl"), "wb") as f:
+    pickle.dump(stats, f)
