@@ -699,9 +699,8 @@ def train_and_evaluate(
           eval_step, run.state, mesh, config, paths, val_split
         )
       check_finite_score(results, epoch)
-      run.plateau, improved = optim.end_epoch(
-        setup.plateau, run.plateau, results["ccc_mean"]
-      )
+      score = ts.selection_score(config, results)
+      run.plateau, improved = optim.end_epoch(setup.plateau, run.plateau, score)
       if improved:
         run.best = ts.copy_tree(ts.weights(run.state))
         run.best_results = _overall(results)
@@ -716,7 +715,7 @@ def train_and_evaluate(
         run.state,
         config,
         run_metadata(config, train_split, run.plateau, step, results, settings),
-        results["ccc_mean"],
+        score,
       )
   finally:
     manager.wait_until_finished()

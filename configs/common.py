@@ -189,6 +189,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Loss weight of each emotion of `data.emotions` (CCC losses summed with
   # these weights, divided by their number); () = all 1.
   c.train.loss_weights = ()
+  # The validation score of the best epoch and the plateau: '' = the mean
+  # CCC over data.emotions, or one emotion's CCC.
+  c.train.select_by = ""
 
   c.eval = ml_collections.ConfigDict()
   c.eval.split = "validation"

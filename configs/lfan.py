@@ -24,7 +24,8 @@ Variants (`:arg`): an emotion (`valence` default, `arousal`, `both`),
 recipe choices instead of the reference's: -5 frames masked, training
 statistics for every split, windows reshuffled each epoch, padding masked)
 and `lead=valence|arousal` (both outputs, the lead emotion's loss weighted
-10:1, the reference's two-head setting), e.g.
+10:1 and its CCC picking the best epoch, the reference's two-head setting),
+e.g.
 
   python -m affjax.main --config=configs/lfan.py:arousal,fold=2 \
       --workdir=runs/lfan_arousal_2 \
@@ -70,6 +71,7 @@ def get_config(arg=None):
     config.train.loss_weights = tuple(
       10.0 if e == lead[0] else 1.0 for e in common.EMOTIONS
     )
+    config.train.select_by = lead[0]
   else:
     common.set_emotions(config, common.emotions_for(args.emotion))
   return config.lock()

@@ -17,7 +17,7 @@ import time
 import pytest
 from reliability_helpers import child_env
 
-from affjax import required_weights
+from affjax import required_weights, train_state
 from affjax.data import prepare, synthetic
 from affjax.data.preprocess import __main__ as preprocess_cli
 from affjax.data.preprocess import cache
@@ -47,6 +47,22 @@ def test_lfan_defaults_to_the_reference_recipe():
   lead = lfan.get_config("lead=arousal")
   assert lead.data.emotions == ("valence", "arousal")
   assert lead.train.loss_weights == (1.0, 10.0)
+  assert lead.train.select_by == "arousal"
+  results = {
+    "ccc_mean": 0.5,
+    "overall": {"valence": {"ccc": 0.2}, "arousal": {"ccc": 0.8}},
+  }
+  assert train_state.selection_score(lead, results) == 0.8
+  assert train_state.selection_score(c, results) == 0.5
+  train_state.check_config(lead)
+  bad = lfan.get_config(None)
+  bad.train.select_by = "arousal"  # not trained
+  with pytest.raises(ValueError, match="config.train.select_by"):
+    train_state.check_config(bad)
+  bad = lfan.get_config(None)
+  bad.train.loss_weights = (1.0, 2.0)
+  with pytest.raises(ValueError, match="one weight per emotion"):
+    train_state.check_config(bad)
   with pytest.raises(ValueError, match="lead"):
     lfan.get_config("lead=both")
 
