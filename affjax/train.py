@@ -63,6 +63,10 @@ RESUME_SAFE_KEYS = (
   "mesh",
   # A speed setting with the same results (affjax.models.iresnet.conv2d).
   "model.backbone.conv_chunk",
+  # Preprocessing parallelism, and guards that only stop a run at its start.
+  "data.preprocess.num_workers",
+  "data.allow_random_vggish",
+  "model.allow_random_backbone",
 )
 # For evaluating a checkpoint only the model, the data layout and the state's
 # tree structure matter; the optimiser's parameter groups (frozen and release

@@ -234,3 +234,34 @@ def test_a_frame_is_dropped_when_either_label_is_unlabelled(tmp_path):
   config.unlabelled_frames = "mask"
   masked = pipeline.load_split(config, paths, "train")
   assert masked.kept_rows is None and masked.trial_lengths[i] == 23
+
+
+def test_replayed_order_split_over_processes(data):
+  """Two processes: global batch g is process 0's batch g, then process
+  1's; together they are the single-process order, padding at the end."""
+  paths, _, _ = data
+  config = reference_config(1)
+
+  def rows(process_index, process_count, batch_size):
+    out = []
+    for batch in pipeline.train_batches(
+      config,
+      paths,
+      "train",
+      batch_size=batch_size,
+      epoch=0,
+      seed=0,
+      process_index=process_index,
+      process_count=process_count,
+    ):
+      out.append(list(zip(batch["trial"], batch["frame_index"][:, 0])))
+    return out
+
+  single = [r for b in rows(0, 1, 6) for r in b]
+  p0, p1 = rows(0, 2, 3), rows(1, 2, 3)
+  assert len(p0) == len(p1)
+  merged = [r for b0, b1 in zip(p0, p1) for r in b0 + b1]
+  assert [(int(t), int(f)) for t, f in merged] == [
+    (int(t), int(f)) for t, f in single
+  ]
+  assert int(merged[-1][0]) == -1  # 16 windows in batches of 6: padded
