@@ -111,6 +111,8 @@ def mean_std(
     for fold in range(6):
       out[feat][fold] = {}
       for part, trials in partition_dict(dataset_partition, fold).items():
+        if not trials:  # the reference would divide by zero here
+          continue
         values = np.concatenate(
           [np.asarray(npy[t][feat], np.float64).ravel() for t in trials]
         )
