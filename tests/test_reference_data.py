@@ -254,6 +254,22 @@ def test_validation_windows_equal_the_reference(
     _check_window(got, want, _frames(want["frame"], centre), name)
 
 
+@pytest.mark.parametrize(
+  "key,value",
+  [
+    ("unlabelled_frames", "delete"),
+    ("audio_stats", "test"),
+    ("window_order", "one"),
+  ],
+)
+def test_recipe_keys_are_checked(data, key, value):
+  paths, _, _ = data
+  config = reference_config(0)
+  config[key] = value
+  with pytest.raises(ValueError, match=f"config.data.{key}={value!r}"):
+    pipeline.load_split(config, paths, "train")
+
+
 def test_replayed_order_needs_the_split_in_memory(data):
   paths, _, _ = data
   config = reference_config(1)

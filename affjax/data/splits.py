@@ -60,6 +60,7 @@ INVALID_LABEL = -5.0
 SPLITS = ("train", "validation", "test")
 UNLABELLED_FRAMES = ("mask", "drop")
 AUDIO_STATS = ("train", "per_partition", "imported")
+WINDOW_ORDERS = ("every_epoch", "once")
 # Statistics of an imported sucv/ABAW2 dataset, in the feature cache:
 # {feature: {fold: {split: {"mean": float, "std": float}}}}.
 IMPORTED_STATS = "reference_stats.json"
@@ -178,6 +179,7 @@ def check_config(data_config: Any, meta: dict[str, Any]) -> None:
   for key, allowed in (
     ("unlabelled_frames", UNLABELLED_FRAMES),
     ("audio_stats", AUDIO_STATS),
+    ("window_order", WINDOW_ORDERS),
   ):
     value = data_config.get(key, allowed[0])
     if value not in allowed:
