@@ -21,8 +21,9 @@ allow_random_backbone=true` let smoke runs through with random weights.
 
 Variants (`:arg`): an emotion (`valence` default, `arousal`, `both`),
 `fold=N` (0..5; fold 0 is the official split), `improved` (affjax's own
-recipe choices instead of the reference's: -5 frames masked, training
-statistics for every split, windows reshuffled each epoch, padding masked)
+recipe choices instead of the reference's: VGGish on a 0.48 s grid, -5
+frames masked, training statistics for every split, windows reshuffled each
+epoch, padding masked)
 and `lead=valence|arousal` (both outputs, the lead emotion's loss weighted
 10:1 and its CCC picking the best epoch, the reference's two-head setting),
 e.g.
@@ -37,8 +38,9 @@ Needs the Aff-Wild2 layout in `data.raw_dir` (preprocessing fills the cache on
 the first run), or the authors' preprocessed dataset imported with
 `python -m affjax.data.import_reference` into `data.cache_dir` (then
 `data.raw_dir` stays empty and no VGGish checkpoint is needed; add
-`--config.data.audio_stats=imported` for their `mean_std_dict.pkl`). Expected: validation CCC about 0.47 (valence) / 0.65
-(arousal) on fold 0 (paper); 1-2 days per run on one GPU (reference), on TPU
+`--config.data.audio_stats=imported` for their `mean_std_dict.pkl`).
+Expected: validation CCC about 0.47 (valence) / 0.65 (arousal) on fold 0
+(paper); 1-2 days per run on one GPU (reference), on TPU
 v4-8 a few hours. `sweep` lists the 12 runs of the 6-fold cross-validation,
 merged afterwards with `--mode=merge`.
 """
