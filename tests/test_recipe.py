@@ -111,7 +111,7 @@ def test_paper_config_without_weights_is_refused(tmp_path):
   c.model.allow_random_backbone = True
   with pytest.raises(
     ValueError,
-    match=r"config.data.preprocess.vggish_checkpoint.*vggish_model.ckpt.*storage.googleapis",
+    match=r"preprocess.vggish_checkpoint.*vggish_model.ckpt.*googleapis",
   ):
     required_weights.check(c, work)
   c.data.allow_random_vggish = True
