@@ -20,6 +20,8 @@ there are none.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import jax
 import jax.numpy as jnp
 
@@ -95,8 +97,13 @@ def sequence_ccc(
   return ccc, valid
 
 
-def ccc_loss(pred: Array, target: Array, mask: Array | None = None) -> Array:
-  """Mean over sequences and outputs of `1 - CCC` along time.
+def ccc_loss(
+  pred: Array,
+  target: Array,
+  mask: Array | None = None,
+  weights: Sequence[float] | None = None,
+) -> Array:
+  """Mean over sequences and outputs of `w * (1 - CCC)` along time.
 
   Args:
     pred: `[batch, time, outputs]` predictions (label units, e.g. valence).
@@ -104,6 +111,10 @@ def ccc_loss(pred: Array, target: Array, mask: Array | None = None) -> Array:
     mask: optional bool `[batch, time]` (or `[batch, time, outputs]`); True
       where the label is valid and the frame is real. Masked frames have no
       influence on the value or the gradient.
+    weights: optional per-output weights `[outputs]` (default all 1). Like
+      the reference's loss weights (`base/trainer.py`), the weighted terms
+      are averaged over sequences and outputs, not divided by the weights'
+      sum: weights (10, 1) give `(10 (1 - CCC_0) + (1 - CCC_1)) / 2`.
 
   Returns:
     Scalar loss. Without a mask this equals the reference's `CCCLoss`.
@@ -116,4 +127,28 @@ def ccc_loss(pred: Array, target: Array, mask: Array | None = None) -> Array:
   ccc, valid = sequence_ccc(pred, target, mask)
   valid = valid.astype(ccc.dtype)
   count = jnp.sum(valid)
-  return jnp.sum(valid * (1.0 - ccc)) / jnp.maximum(count, 1.0)
+  terms = 1.0 - ccc
+  if weights is not None:
+    if len(weights) != ccc.shape[1]:
+      raise ValueError(
+        f"ccc_loss: {len(weights)} weights for {ccc.shape[1]} outputs"
+      )
+    terms = terms * jnp.asarray(weights, ccc.dtype)
+  return jnp.sum(valid * terms) / jnp.maximum(count, 1.0)
+
+
+def training_mask(batch: Mapping[str, Array], padding_in_loss: bool) -> Array:
+  """Frames of a training batch that count in the loss: bool `[B, T]`.
+
+  Args:
+    batch: with `mask` (label valid and frame real), `frame_index` (-1 on
+      padding) and `trial` (-1 for rows padding the last batch).
+    padding_in_loss: the zero-padded frames of short trials count too, with
+      label 0 (the reference's loss, `base/dataset.py`); rows of
+      `trial = -1` never count.
+  """
+  mask = batch["mask"]
+  if padding_in_loss:
+    padded = batch["frame_index"] < 0
+    mask = (mask | padded) & (batch["trial"] >= 0)[:, None]
+  return mask

@@ -39,7 +39,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
 
-from affjax import checkpoints, io, losses, optim, sharding
+from affjax import checkpoints, io, losses, optim, required_weights, sharding
 from affjax import train_state as ts
 from affjax.train_state import Setup, TrainState
 
@@ -64,6 +64,10 @@ RESUME_SAFE_KEYS = (
   "mesh",
   # A speed setting with the same results (affjax.models.iresnet.conv2d).
   "model.backbone.conv_chunk",
+  # Preprocessing parallelism, and guards that only stop a run at its start.
+  "data.preprocess.num_workers",
+  "data.allow_random_vggish",
+  "model.allow_random_backbone",
 )
 # For evaluating a checkpoint only the model, the data layout and the state's
 # tree structure matter; the optimiser's parameter groups (frozen and release
@@ -176,7 +180,8 @@ def make_train_step(
         rngs={"dropout": dropout_key},
         mutable=["batch_stats"],
       )
-      loss = losses.ccc_loss(preds, batch["label"], batch["mask"])
+      mask = losses.training_mask(batch, setup.padding_in_loss)
+      loss = losses.ccc_loss(preds, batch["label"], mask, setup.loss_weights)
       return loss, updates
 
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -603,6 +608,7 @@ def train_and_evaluate(
   """
   ts.check_config(config)
   workdir = io.absolute(workdir)
+  required_weights.check(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(
     config.train.batch_size, mesh, "config.train.batch_size"
@@ -698,9 +704,8 @@ def train_and_evaluate(
           eval_step, run.state, mesh, config, paths, val_split
         )
       check_finite_score(results, epoch)
-      run.plateau, improved = optim.end_epoch(
-        setup.plateau, run.plateau, results["ccc_mean"]
-      )
+      score = ts.selection_score(config, results)
+      run.plateau, improved = optim.end_epoch(setup.plateau, run.plateau, score)
       if improved:
         run.best = ts.copy_tree(ts.weights(run.state))
         run.best_results = _overall(results)
@@ -715,7 +720,7 @@ def train_and_evaluate(
         run.state,
         config,
         run_metadata(config, train_split, run.plateau, step, results, settings),
-        results["ccc_mean"],
+        score,
       )
   finally:
     manager.wait_until_finished()

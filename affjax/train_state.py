@@ -74,6 +74,9 @@ class Setup:
   opt_init_fn: Callable[[PyTree], PyTree]  # jitted fresh optimiser state
   abstract_state: TrainState  # ShapeDtypeStructs with shardings
   shardings: TrainState  # NamedSharding per leaf
+  # `config.data.padding_in_loss`, `config.train.loss_weights` (None = 1).
+  padding_in_loss: bool = False
+  loss_weights: tuple[float, ...] | None = None
 
 
 def build_setup(
@@ -131,7 +134,37 @@ def build_setup(
     opt_init_fn=jax.jit(tx.init, out_shardings=shardings.opt_state),
     abstract_state=abstract,
     shardings=shardings,
+    padding_in_loss=bool(config.data.get("padding_in_loss", False)),
+    loss_weights=loss_weights(config),
   )
+
+
+def selection_score(
+  config: ml_collections.ConfigDict, results: Mapping[str, Any]
+) -> float:
+  """The validation score that picks the best epoch and drives the plateau.
+
+  The mean CCC over `config.data.emotions`, or with `config.train.
+  select_by` set, that emotion's CCC (the reference selects by the trained
+  emotion also when both heads are trained, `base/trainer.py`).
+  """
+  emotion = config.train.get("select_by", "")
+  if not emotion:
+    return float(results["ccc_mean"])
+  return float(results["overall"][emotion]["ccc"])
+
+
+def loss_weights(config: ml_collections.ConfigDict) -> tuple[float, ...] | None:
+  """`config.train.loss_weights` checked against the emotions; None if ()."""
+  weights = tuple(float(w) for w in config.train.get("loss_weights", ()))
+  if not weights:
+    return None
+  if len(weights) != len(config.data.emotions):
+    raise ValueError(
+      f"config.train.loss_weights={weights} needs one weight per emotion of "
+      f"config.data.emotions={tuple(config.data.emotions)}"
+    )
+  return weights
 
 
 def init_state(setup: Setup, key: jax.Array) -> TrainState:
@@ -279,6 +312,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       f"config.data.emotions={tuple(config.data.emotions)} has "
       f"{len(config.data.emotions)}"
     )
+  select = config.train.get("select_by", "")
+  if select and select not in config.data.emotions:
+    raise ValueError(
+      f"config.train.select_by={select!r} is not one of "
+      f"config.data.emotions={tuple(config.data.emotions)}"
+    )
+  loss_weights(config)
   missing = [
     k for k in model_input_keys(config) if k not in config.data.features
   ]

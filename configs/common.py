@@ -9,9 +9,12 @@ repository root.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import ml_collections
+
+from affjax.data.preprocess.cache import PreprocessSettings
 
 EMOTIONS = ("valence", "arousal")
 AUDIO_DIMS = {"vggish": 128, "mfcc": 39, "egemaps": 23}
@@ -106,6 +109,31 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.features = ("frames", "vggish", "mfcc")
   c.data.crop_size = 40  # pixels (of the 48x48 cache)
   c.data.time_delay = 0  # frames labels are shifted earlier
+  # `PreprocessSettings` fields plus the run options `num_workers` and
+  # `test_list`: they must equal the settings recorded in an existing
+  # cache's manifest.json (a cache built by `python -m
+  # affjax.data.preprocess` with the same flags is reused as is).
+  c.data.preprocess = preprocess_defaults()
+  # Without `data.preprocess.vggish_checkpoint`, VGGish runs with random
+  # weights; False stops such a run before any work (paper configs).
+  c.data.allow_random_vggish = True
+  # The training recipe around the model (docs/fidelity.md compares it with
+  # sucv/ABAW2; `reference_recipe` sets the reference's choices).
+  # Frames whose valence or arousal is -5: 'mask' (kept in the windows,
+  # left out of the loss and metrics) | 'drop' (deleted before windowing).
+  c.data.unlabelled_frames = "mask"
+  # Audio mean/std: 'train' (the fold's training trials, for every split) |
+  # 'per_partition' (each split its own) | 'imported' (the statistics of an
+  # imported sucv/ABAW2 dataset, `affjax.data.import_reference`).
+  c.data.audio_stats = "train"
+  # Training window order: 'every_epoch' (reshuffled each epoch, remainder
+  # dropped) | 'once' (shuffled once with `seed`, the same order every
+  # epoch, last partial batch kept).
+  c.data.window_order = "every_epoch"
+  # Zero-padded frames of trials shorter than a window: False = masked in
+  # the loss (audio 0); True = in the loss with label 0 and raw audio 0
+  # normalised like the rest ((0 - mean) / std).
+  c.data.padding_in_loss = False
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "av_leader_follower"  # | 'visual_only'
@@ -119,6 +147,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.backbone.conv_chunk = 0
   # Reference backbone weights (`res50_ir_0.887.pth`); '' = random init.
   c.model.backbone_checkpoint = ""
+  # False: a run without `backbone_checkpoint` stops before any work.
+  c.model.allow_random_backbone = True
   # Workdir of an earlier run (e.g. configs/cached_embeddings.py) whose best
   # checkpoint initialises every non-backbone parameter (TCNs, fusion or
   # regressor); '' = random init. Used only when a run starts, not on resume.
@@ -159,6 +189,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every_steps = 50
   c.train.max_in_flight = 8  # steps dispatched but not finished
   c.train.prefetch = 2  # batches transferred ahead
+  # Loss weight of each emotion of `data.emotions` (CCC losses summed with
+  # these weights, divided by their number); () = all 1.
+  c.train.loss_weights = ()
+  # The validation score of the best epoch and the plateau: '' = the mean
+  # CCC over data.emotions, or one emotion's CCC.
+  c.train.select_by = ""
 
   c.eval = ml_collections.ConfigDict()
   c.eval.split = "validation"
@@ -167,6 +203,30 @@ def base_config() -> ml_collections.ConfigDict:
   # (results.json, per-trial predictions and plots under <workdir>/eval/).
   c.eval.after_training = True
   return c
+
+
+def preprocess_defaults() -> ml_collections.ConfigDict:
+  """`PreprocessSettings` defaults plus the preprocessing run options."""
+  values = {f.name: f.default for f in dataclasses.fields(PreprocessSettings)}
+  values.update(num_workers=1, test_list="")
+  return ml_collections.ConfigDict(values)
+
+
+def reference_recipe(config: ml_collections.ConfigDict) -> None:
+  """The sucv/ABAW2 recipe around the model (docs/fidelity.md).
+
+  VGGish with the pretrained weights, one 0.96 s example per video frame;
+  frames labelled -5 deleted; each split normalised with its own audio
+  statistics; windows shuffled once; padding in the loss; pretrained
+  weights required (the `allow_random_*` keys let smoke runs through).
+  """
+  config.data.preprocess.vggish_hop_seconds = None
+  config.data.allow_random_vggish = False
+  config.data.unlabelled_frames = "drop"
+  config.data.audio_stats = "per_partition"
+  config.data.window_order = "once"
+  config.data.padding_in_loss = True
+  config.model.allow_random_backbone = False
 
 
 def set_emotions(

@@ -8,8 +8,10 @@ import pytest
 from affjax import losses
 
 
-def _reference_loss_np(pred, target):
-  """Float64 numpy transcription of the reference CCCLoss (no mask)."""
+def _reference_loss_np(pred, target, weights=None):
+  """Float64 numpy transcription of the reference CCCLoss (no mask); the
+  weights multiply the elementwise loss before its mean, as the reference's
+  trainer passes them."""
   pred = np.asarray(pred, np.float64)
   gold = np.asarray(target, np.float64)
   gold_mean = gold.mean(1, keepdims=True)
@@ -22,7 +24,10 @@ def _reference_loss_np(pred, target):
     * covariance
     / (gold_var + pred_var + (gold_mean - pred_mean) ** 2 + 1e-8)
   )
-  return np.mean(1.0 - ccc)
+  loss = 1.0 - ccc
+  if weights is not None:
+    loss = loss * np.asarray(weights, np.float64)
+  return np.mean(loss)
 
 
 def _masked_loss_loop(pred, target, mask):
@@ -136,3 +141,36 @@ def test_shape_mismatch_raises_with_both_shapes():
     losses.ccc_loss(
       jnp.zeros((2, 5, 1)), jnp.zeros((2, 5, 1)), jnp.ones((2, 4), bool)
     )
+
+
+def test_output_weights_match_the_reference_weighted_loss():
+  """Two heads weighted 10:1 (valence leads): the weighted terms are
+  averaged over sequences and outputs, not divided by the weights' sum."""
+  rng = np.random.default_rng(3)
+  pred = rng.normal(size=(4, 30, 2)).astype(np.float32)
+  target = rng.normal(size=(4, 30, 2)).astype(np.float32)
+  got = losses.ccc_loss(pred, target, weights=(10.0, 1.0))
+  want = _reference_loss_np(pred, target, weights=(10.0, 1.0))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  # By hand from the per-sequence CCCs.
+  ccc, _ = losses.sequence_ccc(pred, target)
+  by_hand = np.mean(10 * (1 - ccc[:, 0]) + (1 - ccc[:, 1])) / 2
+  np.testing.assert_allclose(got, by_hand, rtol=1e-6)
+  with pytest.raises(ValueError, match="3 weights for 2 outputs"):
+    losses.ccc_loss(pred, target, weights=(1.0, 1.0, 1.0))
+
+
+def test_training_mask_counts_padding_of_real_rows_only():
+  batch = {
+    "mask": np.array([[True, False, False], [False, False, False]]),
+    "frame_index": np.array([[0, 1, -1], [-1, -1, -1]]),
+    "trial": np.array([0, -1]),
+  }
+  np.testing.assert_array_equal(
+    losses.training_mask(batch, False), batch["mask"]
+  )
+  # Frame 1 is an unlabelled real frame: still out; frame 2 is padding.
+  np.testing.assert_array_equal(
+    losses.training_mask(batch, True),
+    [[True, False, True], [False, False, False]],
+  )

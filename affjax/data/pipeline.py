@@ -9,8 +9,10 @@ becomes one batch row:
                                          CxC crop + horizontal flip per window,
                                          eval: centre crop; padding = -1
   embeddings   float32 [B, T, 512]      (cached-embedding mode)
-  vggish/mfcc/egemaps float32 [B, T, D]  normalised with the fold's training
-                                         statistics (`splits`); 0 on padding
+  vggish/mfcc/egemaps float32 [B, T, D]  normalised (`splits`,
+                                         config.data.audio_stats); 0 on
+                                         padding, or (0 - mean) / std with
+                                         config.data.padding_in_loss
   label        float32 [B, T, E]        config.data.emotions order; 0 where
                                          invalid or padding
   mask         bool    [B, T]           label valid (no -5) and frame real
@@ -43,6 +45,13 @@ in process order, the windows come in the fixed single-process order. A
 process keeps the whole split in memory (assignments change per epoch) or
 streams only its own trials.
 
+Window order (`config.data.window_order`): 'every_epoch' as above, or
+'once' (the reference's): every training window in one order drawn once
+from the seed (`replayed_window_order`), the same in every epoch, the last
+partial batch kept and padded with `trial = -1` rows; it needs the training
+split in memory. Frames labelled -5 are deleted before windowing when
+`config.data.unlabelled_frames = 'drop'` (`splits`).
+
 Randomness is a function of (seed, epoch) only: trial order, the window
 shuffle, and each window's crop/flip (`windows.crop_table`, drawn per window
 of the split, so it does not depend on the process count).
@@ -50,6 +59,7 @@ of the split, so it does not depend on the process count).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -57,7 +67,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from affjax.data import splits, stitch, trials, windows
+from affjax.data import affwild2, folds, splits, stitch, trials, windows
 from affjax.data.splits import (  # noqa: F401  (the Data API's names)
   EMOTION_COLUMNS,
   INVALID_LABEL,
@@ -171,6 +181,16 @@ class _Reader:
         self.keys,
         data_config,
       )
+    # Where each trial's frames are in the store: its rows, or (unlabelled
+    # frames dropped) its run in `row_map`, which points at the kept rows.
+    self.row_map = None
+    if self.store is not None:
+      self.offsets, self.lengths = self.store.offsets, self.store.lengths
+      if self.split.kept_rows is not None:
+        self.row_map, self.offsets = windows.kept_row_map(
+          self.store.offsets, self.split.kept_rows, self.store.sentinel
+        )
+        self.lengths = np.asarray(self.split.trial_lengths, np.int64)
 
   def crops(self, seed: int | None) -> np.ndarray:
     """`[n_windows, 3]` training crops of the split; zeros for None/eval."""
@@ -211,14 +231,31 @@ class _Reader:
     if shuffle_seed is not None:
       perm = np.random.default_rng(shuffle_seed).permutation(len(trial))
       trial, start, wid = trial[perm], start[perm], wid[perm]
+    return self.from_windows(
+      trial, start, wid, crops, train=train, num_batches=num_batches
+    )
+
+  def from_windows(
+    self,
+    trial: np.ndarray,
+    start: np.ndarray,
+    wid: np.ndarray,
+    crops: np.ndarray,
+    *,
+    train: bool,
+    num_batches: int,
+  ) -> tf.data.Dataset:
+    """Batches of the given windows in this order (trial index, start frame,
+    split-wide window id each), cut to `num_batches` or padded with
+    `trial = -1` rows."""
     rows = num_batches * self.batch_size
     n = min(len(trial), rows)
     pad = rows - n
     trial = trial[:n]
     plan = {
       "trial": np.pad(trial, (0, pad), constant_values=-1),
-      "offset": np.pad(self.store.offsets[trial], (0, pad)),
-      "length": np.pad(self.store.lengths[trial], (0, pad)),
+      "offset": np.pad(self.offsets[trial], (0, pad)),
+      "length": np.pad(self.lengths[trial], (0, pad)),
       "start": np.pad(start[:n], (0, pad)),
       "crop": np.pad(crops[wid[:n]], ((0, pad), (0, 0))),
     }
@@ -232,6 +269,7 @@ class _Reader:
       self.split.feature_stats,
       train=train,
       batch_size=self.batch_size,
+      row_map=self.row_map,
     )
     ds = tf.data.Dataset.from_tensor_slices(plan).map(
       fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
@@ -252,7 +290,12 @@ class _Reader:
     names = [self.split.trial_names[i] for i in order]
     index = {n: i for i, n in enumerate(self.split.trial_names)}
     cut = windows.trial_windows_fn(
-      self.config, self.keys, index, self.first_window, crops
+      self.config,
+      self.keys,
+      index,
+      self.first_window,
+      crops,
+      drop_unlabelled=self.split.kept_rows is not None,
     )
     read = (
       trials.read_trials(self.builder, self.meta, names, self.keys)
@@ -345,6 +388,11 @@ def train_batches(
     data_config, paths, split, batch_size, process_index, process_count
   )
   order_seed, shuffle_seed, aug_seed = _seeds(seed, epoch)
+  if data_config.get("window_order", "every_epoch") == "once":
+    yield from _replayed_epoch(
+      reader, seed, aug_seed, process_index, process_count
+    )
+    return
   order = np.random.default_rng(order_seed).permutation(len(reader.windows))
   shards = balanced_assignment(reader.windows, order, process_count)
   steps = min(sum(reader.windows[i] for i in s) for s in shards) // batch_size
@@ -355,6 +403,84 @@ def train_batches(
       train=True,
       num_batches=steps,
       shuffle_seed=shuffle_seed,
+    )
+
+
+def reference_trial_order(
+  meta: dict[str, Any], fold: int, names: Sequence[str]
+) -> list[int]:
+  """Indices into `names` (a training split's sorted trials) in the order
+  the reference lists them: chunk after chunk in the fold's rolled chunk
+  order (`folds.fold_chunks`), each chunk's trials sorted."""
+  index = {n: i for i, n in enumerate(names)}
+  train_ids, _ = folds.fold_chunks(fold)
+  return [
+    index[n]
+    for c in train_ids
+    for n in sorted(meta["splits"][affwild2.CHUNKS[c]])
+    if n in index
+  ]
+
+
+def replayed_window_order(
+  reader: _Reader, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(trial, start, window id) of every training window, in the order of
+  every epoch under `config.data.window_order = 'once'`.
+
+  The reference (`experiment_regular.py`) lists the windows trial after
+  trial in its fold order (`reference_trial_order`), shuffles that list
+  once with Python's `random` seeded with 0 and a `DataLoader` without
+  shuffling replays it every epoch. `random.Random(seed).shuffle` is the
+  same draw, so with `seed = 0` the order is the reference's.
+  """
+  order = reference_trial_order(
+    reader.meta, reader.config.fold, reader.split.trial_names
+  )
+  trial, start, wid = reader._windows_of(order)
+  perm = list(range(len(trial)))
+  random.Random(seed).shuffle(perm)
+  return trial[perm], start[perm], wid[perm]
+
+
+def _replayed_epoch(
+  reader: _Reader,
+  seed: int,
+  aug_seed: int,
+  process_index: int,
+  process_count: int,
+) -> Iterator[dict[str, np.ndarray]]:
+  """One epoch of `replayed_window_order`, every window once.
+
+  Global batch g holds windows `[g G, (g + 1) G)` (G = batch_size x
+  process_count; process p its rows `[p B, (p + 1) B)`). The last global
+  batch keeps its partial windows, as the reference's `DataLoader` does;
+  rows past them are `trial = -1` padding, which no loss counts (they still
+  pass through the model, so in train mode they enter the BatchNorm batch
+  statistics of that one step).
+  """
+  if reader.store is None:
+    raise ValueError(
+      "config.data.window_order='once' replays one order of all training "
+      "windows and needs the training split in memory, but it exceeds "
+      "the memory budget (config.data.memory_cache_gb): raise "
+      "config.data.memory_cache_gb or use window_order='every_epoch'"
+    )
+  trial, start, wid = replayed_window_order(reader, seed)
+  per, total = reader.batch_size, reader.batch_size * process_count
+  num_batches = -(-len(trial) // total)
+  rows = np.arange(len(trial))
+  mine = (rows % total) // per == process_index
+  if num_batches:
+    yield from tfds.as_numpy(
+      reader.from_windows(
+        trial[mine],
+        start[mine],
+        wid[mine],
+        reader.crops(aug_seed),
+        train=True,
+        num_batches=num_batches,
+      ).prefetch(_PREFETCH)
     )
 
 

@@ -16,7 +16,8 @@ Options (all optional):
     naming `PreprocessSettings` fields, `num_workers` or `test_list` are
     passed to preprocessing instead.
   config.data.preprocess: `PreprocessSettings` fields, `num_workers`,
-    `test_list`.
+    `test_list` (every one in the config schema, `configs/common.py`); for
+    the synthetic dataset, settings in `config.data.synthetic` win.
 Empty `raw_dir`/`cache_dir`/`tfds_dir` mean `<workdir>/data/{raw,cache,tfds}`;
 for a URL workdir (`gs://...`) they mean a local directory instead (see
 `local_data_base`): all three must be local paths.
@@ -117,8 +118,10 @@ def _split_options(data_config: Any) -> tuple[dict, dict, dict]:
     ("config.data.preprocess", _as_dict(data_config.get("preprocess", None)))
   ]
   if data_config.name == "synthetic":
-    sources.insert(
-      0, ("config.data.synthetic", _as_dict(data_config.get("synthetic", None)))
+    # After `data.preprocess`, whose every key the schema sets: a setting
+    # the synthetic dataset names (e.g. the tests' narrow VGGish) wins.
+    sources.append(
+      ("config.data.synthetic", _as_dict(data_config.get("synthetic", None)))
     )
   for where, options in sources:
     for key, value in options.items():

@@ -6,12 +6,25 @@ lengths, per-trial labels and masks (read from the feature cache's
 `labels.npy`, small), the number of windows and the fold's audio feature
 statistics.
 
-Normalisation follows the reference (`calculate_mean_and_std.py`): one mean
-and one standard deviation per feature over all its dimensions and all
-labelled frames of the fold's training trials (variance with N - 1), here
-summed from the cache's per-trial `feature_sums`, and used for every split.
-`config.data.normalization = 'per_dim'` (optional key) standardises each
-dimension instead.
+Frames whose valence or arousal is -5 (`config.data.unlabelled_frames`):
+'mask' keeps them in the trial (masked in the loss and the metrics); 'drop'
+deletes them from training and validation trials before windowing, as the
+reference deletes them before caching (sucv/ABAW2 `preprocessing.py`), so a
+trial's length is its count of labelled frames and windows run across the
+gaps. `Split.kept_rows` then maps each trial's frames to the cached rows.
+Test trials have no labels and are never cut.
+
+Audio normalisation (`config.data.audio_stats`): one mean and one standard
+deviation per feature over all its dimensions and the labelled frames of
+some trials (variance with N - 1, the reference's `calculate_mean_and_std.
+py`), summed from the cache's per-trial `feature_sums`. Which trials:
+'train' (affjax's choice) uses the fold's training trials for every split,
+so nothing of the validation or test audio enters its own normalisation;
+'per_partition' (the reference, `base/dataset.py`) normalises each split
+with its own statistics, which is transductive for validation and test;
+'imported' reads the statistics an imported sucv/ABAW2 dataset came with
+(`affjax.data.import_reference`). `config.data.normalization = 'per_dim'`
+(optional key) standardises each dimension instead of one scalar.
 
 `config.data.time_delay = n` shifts each trial's labels n frames earlier and
 repeats its last label (`label'[t] = label[min(t + n, L - 1)]`), over the
@@ -37,6 +50,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from affjax.data import affwild2, folds, stitch
 
@@ -44,6 +58,12 @@ EMOTION_COLUMNS = {"valence": 0, "arousal": 1}
 VISUAL = ("frames", "embeddings")
 INVALID_LABEL = -5.0
 SPLITS = ("train", "validation", "test")
+UNLABELLED_FRAMES = ("mask", "drop")
+AUDIO_STATS = ("train", "per_partition", "imported")
+WINDOW_ORDERS = ("every_epoch", "once")
+# Statistics of an imported sucv/ABAW2 dataset, in the feature cache:
+# {feature: {fold: {split: {"mean": float, "std": float}}}}.
+IMPORTED_STATS = "reference_stats.json"
 _MEMO_SPLITS = 16
 _MANIFEST = "manifest.json"  # of the feature cache
 
@@ -60,8 +80,11 @@ class Split:
       where not annotated).
     label_masks: per trial bool `[L]`: every selected emotion is annotated.
     num_windows: windows of the split over all processes.
-    feature_stats: audio feature -> (mean `[D]`, std `[D]`) float32, from
-      the fold's training trials.
+    feature_stats: audio feature -> (mean `[D]`, std `[D]`) float32
+      (`config.data.audio_stats`).
+    kept_rows: None, or (unlabelled frames dropped) per trial int64 `[L]`,
+      the cached rows of its frames; `trial_lengths`, `labels` and
+      `label_masks` then count kept frames only.
   """
 
   name: str
@@ -71,6 +94,7 @@ class Split:
   label_masks: list[np.ndarray]
   num_windows: int
   feature_stats: dict[str, tuple[np.ndarray, np.ndarray]]
+  kept_rows: list[np.ndarray] | None = None
 
 
 # ---------------------------------------------------------------- dataset
@@ -152,6 +176,16 @@ def check_config(data_config: Any, meta: dict[str, Any]) -> None:
       f"in (0, {size}] (cached frame size)"
     )
   stitch.window_starts(1, data_config.window_length, data_config.hop_length)
+  for key, allowed in (
+    ("unlabelled_frames", UNLABELLED_FRAMES),
+    ("audio_stats", AUDIO_STATS),
+    ("window_order", WINDOW_ORDERS),
+  ):
+    value = data_config.get(key, allowed[0])
+    if value not in allowed:
+      raise ValueError(
+        f"config.data.{key}={value!r}: expected one of {allowed}"
+      )
 
 
 def frame_size(meta: dict[str, Any]) -> int:
@@ -304,14 +338,65 @@ def _missing_labels(path: str) -> FileNotFoundError:
 
 
 def _trial_labels(
-  path: str, columns: Sequence[int], delay: int
-) -> tuple[np.ndarray, np.ndarray]:
+  path: str, columns: Sequence[int], delay: int, drop: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+  """(labels `[L, E]`, mask `[L]`, kept rows or None, cached rows).
+
+  With `drop`, frames where valence or arousal is -5 are deleted first
+  (whatever the trained emotions, as the reference's preprocessing does);
+  the time delay then shifts over the kept frames.
+  """
   try:
-    labels = np.load(path)
+    full = np.load(path)
   except FileNotFoundError:
     raise _missing_labels(path) from None
-  labels = shift_labels(np.asarray(labels[:, list(columns)], np.float32), delay)
-  return labels, np.all(labels != INVALID_LABEL, axis=1)
+  kept, rows = None, full.shape[0]
+  if drop:
+    kept = np.flatnonzero(np.all(full != INVALID_LABEL, axis=1))
+    full = full[kept]
+  labels = shift_labels(np.asarray(full[:, list(columns)], np.float32), delay)
+  return labels, np.all(labels != INVALID_LABEL, axis=1), kept, rows
+
+
+def imported_stats(
+  cache_dir: str,
+  fold: int,
+  split: str,
+  features: Sequence[str],
+  dims: dict[str, int],
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Audio statistics recorded by `affjax.data.import_reference`.
+
+  Raises:
+    FileNotFoundError: the cache has no `reference_stats.json` (it was not
+      imported from a sucv/ABAW2 dataset).
+    ValueError: the file lacks the feature, fold or split.
+  """
+  path = os.path.join(cache_dir, IMPORTED_STATS)
+  try:
+    with open(path) as f:
+      table = json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(
+      f"config.data.audio_stats='imported' but {path} does not exist: the "
+      "cache was not imported with affjax.data.import_reference; use "
+      "'per_partition' or 'train'"
+    ) from None
+  out = {}
+  for feat in (f for f in features if f in affwild2.AUDIO_FEATURES):
+    try:
+      entry = table[feat][str(fold)][split]
+      mean, std = float(entry["mean"]), float(entry["std"])
+    except (KeyError, TypeError, ValueError):
+      raise ValueError(
+        f"{path} has no mean/std of feature {feat!r}, fold {fold}, split "
+        f"{split!r}"
+      ) from None
+    out[feat] = (
+      np.full(dims[feat], mean, np.float32),
+      np.full(dims[feat], std if std > 1e-8 else 1.0, np.float32),
+    )
+  return out
 
 
 def _copy(split: Split) -> Split:
@@ -322,11 +407,37 @@ def _copy(split: Split) -> Split:
     labels=list(split.labels),
     label_masks=list(split.label_masks),
     feature_stats=dict(split.feature_stats),
+    kept_rows=None if split.kept_rows is None else list(split.kept_rows),
   )
 
 
 _split_memo: collections.OrderedDict = collections.OrderedDict()
 _split_lock = threading.Lock()
+
+
+def _stats(
+  mode: str,
+  meta: dict[str, Any],
+  paths: Any,
+  data_config: Any,
+  split: str,
+  names: Sequence[str],
+  per_dim: bool,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Audio statistics of `split` under `config.data.audio_stats = mode`."""
+  features = data_config.features
+  if mode == "imported":
+    dims = {}
+    for feat in (f for f in features if f in affwild2.AUDIO_FEATURES):
+      sums = next(iter(meta["trials"].values()))["feature_sums"][feat]
+      dims[feat] = len(sums["sum"])
+    return imported_stats(
+      paths.cache_dir, data_config.fold, split, features, dims
+    )
+  if mode == "per_partition":
+    return feature_stats(meta, names, features, per_dim)
+  train_names = split_trials(meta, data_config.fold, "train")
+  return feature_stats(meta, train_names, features, per_dim)
 
 
 def load_split(data_config: Any, paths: Any, split: str) -> Split:
@@ -350,6 +461,10 @@ def load_split(data_config: Any, paths: Any, split: str) -> Split:
   except FileNotFoundError as e:
     raise _missing_labels(e.filename) from None
   per_dim = data_config.get("normalization", "scalar") == "per_dim"
+  drop = (
+    data_config.get("unlabelled_frames", "mask") == "drop" and split != "test"
+  )
+  stats_mode = data_config.get("audio_stats", "train")
   key = (
     token,
     paths.cache_dir,
@@ -362,35 +477,53 @@ def load_split(data_config: Any, paths: Any, split: str) -> Split:
     int(data_config.window_length),
     int(data_config.hop_length),
     per_dim,
+    drop,
+    stats_mode,
   )
   with _split_lock:
     cached = _split_memo.get(key)
     if cached is not None:
       _split_memo.move_to_end(key)
       return _copy(cached)
-  train_names = split_trials(meta, data_config.fold, "train")
   columns = [EMOTION_COLUMNS[e] for e in data_config.emotions]
-  lengths = np.array([meta["trials"][n]["n_frames"] for n in names], np.int64)
-  labels, masks = [], []
-  for path, length in zip(label_paths, lengths):
-    lab, mask = _trial_labels(path, columns, data_config.time_delay)
-    if lab.shape[0] != length:
+  kept_names, lengths, labels, masks, kept_rows = [], [], [], [], []
+  for name, path in zip(names, label_paths):
+    lab, mask, kept, rows = _trial_labels(
+      path, columns, data_config.time_delay, drop
+    )
+    n_frames = meta["trials"][name]["n_frames"]
+    if rows != n_frames:
       raise ValueError(
-        f"{path} has {lab.shape[0]} rows, the dataset "
-        f"{length}: run affjax.data.prepare.prepare again"
+        f"{path} has {rows} rows, the dataset "
+        f"{n_frames}: run affjax.data.prepare.prepare again"
       )
+    if lab.shape[0] == 0:
+      # Only with `drop`: preprocessing keeps trials with a valid label in
+      # one emotion, which may have none where both are valid.
+      logging.warning(
+        "%s: no frame with both labels valid; trial %s left out of the "
+        "%s split (config.data.unlabelled_frames='drop')",
+        path,
+        name,
+        split,
+      )
+      continue
+    kept_names.append(name)
+    lengths.append(lab.shape[0])
     labels.append(lab)
     masks.append(mask)
+    kept_rows.append(kept)
   out = Split(
     name=split,
-    trial_names=names,
-    trial_lengths=lengths,
+    trial_names=kept_names,
+    trial_lengths=np.array(lengths, np.int64),
     labels=labels,
     label_masks=masks,
     num_windows=sum(num_windows(data_config, n) for n in lengths),
-    feature_stats=feature_stats(
-      meta, train_names, data_config.features, per_dim
+    feature_stats=_stats(
+      stats_mode, meta, paths, data_config, split, names, per_dim
     ),
+    kept_rows=kept_rows if drop else None,
   )
   with _split_lock:
     _split_memo[key] = out

@@ -23,6 +23,7 @@ features are normalised, labels masked.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -86,13 +87,23 @@ def _columns(data_config: Any) -> list[int]:
 
 
 def store_batch_fn(
-  store: Any, data_config: Any, stats: Stats, *, train: bool, batch_size: int
+  store: Any,
+  data_config: Any,
+  stats: Stats,
+  *,
+  train: bool,
+  batch_size: int,
+  row_map: np.ndarray | None = None,
 ):
   """Plan of one batch -> finished batch, gathered from an in-memory store.
 
   The plan holds int32 `[B]` `trial`, `offset`, `length`, `start` and
   `[B, 3]` `crop`. The traced function is kept with the store, so later
   epochs reuse it instead of tracing again.
+
+  `row_map` (unlabelled frames dropped): int `[M + 1]`, the store row of
+  each kept frame, trials one after the other, then the store's sentinel;
+  the plan's offsets and lengths then count kept frames (`kept_row_map`).
   """
   keys = list(data_config.features)
   window, delay = int(data_config.window_length), int(data_config.time_delay)
@@ -106,16 +117,25 @@ def store_batch_fn(
     train,
     int(batch_size),
     tuple((k, m.tobytes(), s.tobytes()) for k, (m, s) in sorted(stats.items())),
+    bool(data_config.get("padding_in_loss", False)),
+    None if row_map is None else hashlib.sha1(row_map.tobytes()).hexdigest(),
   )
   if key in store.functions:
     return store.functions[key]
   arrays, sentinel = store.arrays, store.sentinel
   finish = finish_fn(data_config, stats, train=train)
+  mapping = None
+  if row_map is not None:
+    mapping = tf.constant(np.asarray(row_map, np.int32))
+    sentinel = len(row_map) - 1
 
   def fn(plan):
     frame_index, rows, label_rows = window_rows(
       plan["offset"], plan["length"], plan["start"], window, delay, sentinel
     )
+    if mapping is not None:
+      rows = tf.gather(mapping, rows)
+      label_rows = tf.gather(mapping, label_rows)
     raw = _gather(arrays, keys, columns, rows, label_rows)
     raw.update(frame_index=frame_index, trial=plan["trial"], crop=plan["crop"])
     return finish(raw)
@@ -131,12 +151,35 @@ def store_batch_fn(
   return store.functions[key]
 
 
+def kept_row_map(
+  offsets: np.ndarray, kept_rows: Sequence[np.ndarray], sentinel: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """Store rows of the kept frames of every trial (unlabelled dropped).
+
+  Args:
+    offsets: int `[n_trials]`, first store row of each trial.
+    kept_rows: per trial, the kept frames' rows within the trial
+      (`Split.kept_rows`).
+    sentinel: the store's all-zero row.
+
+  Returns:
+    (row map int64 `[M + 1]`: kept frames trial after trial, then
+    `sentinel`; offsets int64 `[n_trials]` of each trial in the map).
+  """
+  counts = [len(k) for k in kept_rows]
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+  parts = [np.asarray(o + k, np.int64) for o, k in zip(offsets, kept_rows)]
+  return np.concatenate([*parts, [sentinel]]).astype(np.int64), starts
+
+
 def trial_windows_fn(
   data_config: Any,
   keys: Sequence[str],
   trial_index: Mapping[str, int],
   window_base: np.ndarray,
   crops: np.ndarray,
+  *,
+  drop_unlabelled: bool = False,
 ):
   """Trial example (read from disk) -> dataset of its raw windows.
 
@@ -147,6 +190,8 @@ def trial_windows_fn(
     window_base: int `[n_trials]`, the split-wide id of each trial's first
       window (rows of `crops`).
     crops: int32 `[n_windows, 3]` training crops (`crop_table`).
+    drop_unlabelled: delete the frames whose valence or arousal is -5
+      before windowing (`config.data.unlabelled_frames = 'drop'`).
   """
   window, hop = int(data_config.window_length), int(data_config.hop_length)
   delay = int(data_config.time_delay)
@@ -162,6 +207,11 @@ def trial_windows_fn(
   crop_rows = tf.constant(np.asarray(crops, np.int32).reshape(-1, 3))
 
   def fn(ex):
+    if drop_unlabelled:
+      kept = tf.reduce_all(ex[LABELS] != splits.INVALID_LABEL, axis=1)
+      ex = dict(ex)
+      for k in (*keys, LABELS):
+        ex[k] = tf.boolean_mask(ex[k], kept)
     length = tf.shape(ex[LABELS], out_type=tf.int32)[0]
     last = tf.maximum(length - window, 0)
     starts = tf.concat([tf.range(0, last, hop, dtype=tf.int32), [last]], 0)
@@ -270,10 +320,15 @@ def finish_fn(data_config: Any, stats: Stats, *, train: bool):
     data_config: `config.data`.
     stats: audio feature -> (mean, std) of the fold.
     train: random crop + flip per window (its `crop`); else centre crop.
+
+  Audio of padding positions is 0, or with `config.data.padding_in_loss`
+  the raw zeros normalised like real frames, `(0 - mean) / std`, as the
+  reference feeds them (its loss sees the model's output there).
   """
   size = int(data_config.crop_size)
   norm = {k: (tf.constant(m), tf.constant(s)) for k, (m, s) in stats.items()}
   features = list(data_config.features)
+  pad_normalised = bool(data_config.get("padding_in_loss", False))
 
   def fn(raw):
     real = raw["frame_index"] >= 0
@@ -291,7 +346,9 @@ def finish_fn(data_config: Any, stats: Stats, *, train: bool):
         # Padding frames are zeros: -1 here, like missing faces.
         x = (tf.cast(x, tf.float32) / 255.0 - 0.5) / 0.5
       elif k in norm:
-        x = tf.where(real[..., None], (x - norm[k][0]) / norm[k][1], 0.0)
+        x = (x - norm[k][0]) / norm[k][1]
+        if not pad_normalised:
+          x = tf.where(real[..., None], x, 0.0)
       out[k] = x
     return out
 

@@ -1,0 +1,1 @@
+"""numpy transcriptions of the reference's data handling, for tests only."""
