@@ -471,13 +471,9 @@ def test_two_processes_match_one_process_on_8_devices(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def test_data(tmp_path_factory) -> str:
-  """configs/test.py's synthetic data (generated, preprocessed, TFDS)."""
-  from affjax.data import prepare  # pylint: disable=g-import-not-at-top
-
-  root = str(tmp_path_factory.mktemp("real_data"))
-  prepare.prepare(_real_config(root).data, root)
-  return root
+def test_data(test_data_root) -> str:
+  """configs/test.py's synthetic data (the session's, tests/conftest.py)."""
+  return test_data_root
 
 
 def test_two_processes_match_one_process_real_config(test_data, tmp_path):

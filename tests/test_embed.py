@@ -15,6 +15,12 @@ from tests.torch_reference import iresnet as torch_iresnet
 
 LENGTHS = {"a_trial": 11, "b_empty": 0, "c_trial": 3, "d_trial": 20}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A frame's embedding does not depend on the other frames of its batch, but
+# XLA:CPU may sum in another order when the batch is laid out differently
+# (other neighbours, other position): a few float32 ulps of the unit-norm
+# output (3e-8 seen). The tolerance is ~17 ulps of 1 (eps = 1.2e-7) with a
+# relative term for the largest elements.
+BATCHING_TOL = {"rtol": 1e-5, "atol": 2e-6}
 
 
 def _frames(length, seed):
@@ -90,7 +96,7 @@ def test_embed_cache_equals_backbone_per_frame(tmp_path, tiny):
     got = np.load(os.path.join(d, "embeddings.npy"))
     assert got.dtype == np.float32 and got.shape == (length, 512)
     np.testing.assert_allclose(
-      got, _reference(tiny, _load(root, name)), rtol=1e-5, atol=2e-6
+      got, _reference(tiny, _load(root, name)), **BATCHING_TOL
     )
     if length:
       np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
@@ -159,10 +165,18 @@ def test_resume_after_crash_skips_finished_trials(tmp_path, embed_fn):
   clean = _make_cache(str(tmp_path / "clean"))
   embed.embed_cache(clean, embed_fn, settings, batch_size=8)
   for name in LENGTHS:
-    np.testing.assert_array_equal(
-      np.load(os.path.join(root, "trials", name, "embeddings.npy")),
-      np.load(os.path.join(clean, "trials", name, "embeddings.npy")),
+    got, want = (
+      np.load(os.path.join(d, "trials", name, "embeddings.npy"))
+      for d in (root, clean)
     )
+    if name == "d_trial":
+      # Resumed alone, its frames sit in other batches and rows than in the
+      # uninterrupted run (which packs them after a_trial and c_trial).
+      np.testing.assert_allclose(got, want, **BATCHING_TOL)
+    else:
+      # Written before the crash from the same batches as the clean run:
+      # the same computation, so the same bits.
+      np.testing.assert_array_equal(got, want, err_msg=name)
   assert embed.check_embeddings(root, sorted(LENGTHS))["backbone"] == "tiny"
 
 
@@ -294,6 +308,5 @@ def test_cli_embeds_a_cache(tmp_path, embed_fn):
   np.testing.assert_allclose(
     np.load(os.path.join(root, "trials", "c_trial", "embeddings.npy")),
     np.asarray(embed_fn(frames))[:3],
-    rtol=1e-5,
-    atol=2e-6,
+    **BATCHING_TOL,
   )

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from affjax import face
-from affjax.data import synthetic
 from affjax.data.preprocess import video as video_lib
 from affjax.face import crop as crop_lib
 from affjax.face import tracking
@@ -25,17 +24,9 @@ def _missing_runs(mask, min_len):
 
 
 @pytest.fixture(scope="module")
-def synthetic_video(tmp_path_factory):
+def synthetic_video(video_raw):
   """Frames, detections and the generator's face crops of one trial."""
-  root = str(tmp_path_factory.mktemp("face") / "raw")
-  synthetic.generate(
-    root,
-    num_trials=3,
-    seed=3,
-    min_seconds=6,
-    max_seconds=8,
-    two_subject_videos=0,
-  )
+  root = video_raw  # the session's (tests/conftest.py)
   with av.open(os.path.join(root, "videos", TRIAL + ".mp4")) as container:
     frames = np.stack(
       [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]

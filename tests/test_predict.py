@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from affjax import checkpoints, ensemble, face, predict, sharding, train_state
-from affjax.data import synthetic
 from affjax.data.preprocess import audio
 from affjax.data.preprocess import video as video_lib
 from affjax.face import tracking
@@ -97,17 +96,9 @@ def _cut(src, dst, n_frames, with_audio=True):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, video_raw):
   root = tmp_path_factory.mktemp("predict")
-  raw = str(root / "raw")
-  synthetic.generate(
-    raw,
-    num_trials=3,
-    seed=3,
-    min_seconds=6,
-    max_seconds=8,
-    two_subject_videos=0,
-  )
+  raw = video_raw  # the session's (tests/conftest.py), read only
   video = os.path.join(raw, "videos", TRIAL + ".mp4")
   crops = video_lib.list_crops(os.path.join(raw, "cropped_aligned", TRIAL))
   _, has_crop = video_lib.load_frames(crops, 154, 48)

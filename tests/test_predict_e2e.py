@@ -15,9 +15,7 @@ import numpy as np
 import pytest
 
 from affjax import checkpoints, metrics, predict, sharding, train_state
-from affjax.data import synthetic
 from affjax.data.preprocess import cache
-from affjax.data.preprocess import run as preprocess_run
 from configs import test as test_config
 
 TRIALS = ("1-25-256x192", "2-30-256x192", "3-25-256x192")
@@ -47,19 +45,11 @@ def _random_checkpoint(workdir, config, stats):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, video_raw, video_cache):
   root = tmp_path_factory.mktemp("e2e")
-  raw, cache_dir = str(root / "raw"), str(root / "cache")
-  synthetic.generate(
-    raw,
-    num_trials=3,
-    seed=3,
-    min_seconds=6,
-    max_seconds=8,
-    two_subject_videos=0,
-  )
+  # The session's raw data and cache (tests/conftest.py), read only.
+  raw, (cache_dir, manifest) = video_raw, video_cache
   settings = cache.PreprocessSettings(vggish_model="tiny")
-  manifest = preprocess_run.preprocess(raw, cache_dir, settings)
   trials = {t: cache.read_trial(cache_dir, t) for t in TRIALS}
   # Normalisation statistics from the cached features (any fixed values do).
   stats = {}

@@ -4,9 +4,9 @@ corrupted.
 Most cases run the real command lines (`python -m affjax.main` with
 `configs/test.py`, or the preprocessing CLI) in a child process on a private
 copy of the tiny synthetic dataset that the test breaks. The data for the
-training cases (raw, cache, TFDS) is built once, in-process, exactly as
-`affjax.data.prepare` builds it for `configs/test.py`, so the children find
-it ready.
+training cases (raw, cache, TFDS) is the session's (tests/conftest.py), built
+by `affjax.data.prepare` for `configs/test.py`, so the children find it
+ready.
 
 Besides failing, some cases must fail early or cleanly: a split left empty by
 skipped trials stops the run before any training step, and a bad config
@@ -24,33 +24,19 @@ import numpy as np
 import pytest
 
 from affjax import checkpoints
-from affjax.data import affwild2, synthetic
+from affjax.data import synthetic
 from affjax.data.preprocess import __main__ as preprocess_cli
-from affjax.data.preprocess import cache, labels, run
-from affjax.data.preprocess.cache import PreprocessSettings
-from configs import common
+from affjax.data.preprocess import cache, labels
 from configs import test as test_config
 from tests import reliability_helpers as rh
-
-
-def _generator_args():
-  args = dict(common.test_synthetic())
-  args.pop("vggish_model")  # a preprocessing setting
-  return args
-
-
-SETTINGS = PreprocessSettings(vggish_model="tiny")
+from tests import shared_data
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-  """Raw, cache and TFDS of `configs/test.py`'s synthetic data."""
-  root = tmp_path_factory.mktemp("data")
-  dirs = {k: str(root / k) for k in ("raw", "cache", "tfds")}
-  synthetic.generate(dirs["raw"], **_generator_args())
-  run.preprocess(dirs["raw"], dirs["cache"], SETTINGS)
-  affwild2.build(dirs["cache"], dirs["tfds"])
-  return dirs
+def data(test_data_root):
+  """Raw, cache and TFDS of `configs/test.py`'s synthetic data (the
+  session's, read only: tests that break data copy it first)."""
+  return {k: os.path.join(test_data_root, k) for k in shared_data.KINDS}
 
 
 def _copy(data, tmp_path, *keys):

@@ -65,9 +65,9 @@ def test_two_prepares_on_the_same_data(tmp_path):
   assert sorted(built["trials"]) == sorted(metas)
 
 
-def test_two_preprocessing_commands_on_one_cache(tmp_path):
-  root = str(tmp_path / "data")
-  rh.run([rh.PYTHON, "-c", PREPARE, root])  # raw data (and a first cache)
+def test_two_preprocessing_commands_on_one_cache(test_data_root, tmp_path):
+  # The session's raw data, and its cache as the expected result.
+  root = test_data_root
   out = str(tmp_path / "cache")
   argv = [
     rh.PYTHON,

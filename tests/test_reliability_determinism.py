@@ -19,24 +19,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from affjax import train
 from affjax.data import pipeline
 from affjax.data import prepare as prepare_lib
-from configs import test as test_config
 from tests import reliability_helpers as rh
+from tests import shared_data
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-  """(data config, data paths) of `configs/test.py`, built once."""
-  root = tmp_path_factory.mktemp("det")
-  config = test_config.get_config()
-  config.unlock()
-  config.data.update(
-    {f"{k}_dir": str(root / k) for k in ("raw", "cache", "tfds")}
+def prepared(test_data_root):
+  """(data config, data paths) of `configs/test.py`: the session's data."""
+  config = shared_data.test_config(test_data_root)
+  paths = prepare_lib.DataPaths(
+    *(os.path.join(test_data_root, k) for k in shared_data.KINDS)
   )
-  config.lock()
-  paths = prepare_lib.prepare(config.data, str(root))
   return config, paths
 
 
@@ -46,7 +41,7 @@ def _final_params(workdir, step):
   return jax.tree.map(np.asarray, state["params"])
 
 
-def test_two_runs_same_seed_identical(prepared, tmp_path):
+def test_two_runs_same_seed_identical(prepared, tmp_path, request):
   config, _ = prepared
   child_dir = str(tmp_path / "child")
   child = rh.start(
@@ -65,8 +60,9 @@ def test_two_runs_same_seed_identical(prepared, tmp_path):
     JAX_NUM_CPU_DEVICES="8",
   )
   try:
-    here_dir = str(tmp_path / "here")
-    here = train.train_and_evaluate(config, here_dir)
+    # The session's in-process run of the same config (tests/conftest.py),
+    # trained now, while the child runs, unless an earlier test needed it.
+    here_dir, here = request.getfixturevalue("trained_run")
     assert child.wait(timeout=600) == 0
   finally:
     rh.kill_group(child)

@@ -20,6 +20,7 @@ import numpy as np
 from affjax import sharding, train
 from configs import test as test_config
 from tests import reliability_helpers as rh
+from tests import shared_data
 
 
 def _checkpoint_bytes(config) -> int:
@@ -31,16 +32,13 @@ def _checkpoint_bytes(config) -> int:
   )
 
 
-def test_full_disk_then_resume(tmp_path):
+def test_full_disk_then_resume(test_data_root, tmp_path):
   config = test_config.get_config()
   size_mib = math.ceil(1.5 * _checkpoint_bytes(config) / 2**20) + 2
   mount = tmp_path / "disk"
   mount.mkdir()
   workdir = mount / "work"
-  data = [
-    f"--config.data.{k}_dir={tmp_path / 'data' / k}"
-    for k in ("raw", "cache", "tfds")
-  ]
+  data = shared_data.data_flags(test_data_root)  # the session's data
   cmd = subprocess.list2cmdline(
     [
       rh.PYTHON,

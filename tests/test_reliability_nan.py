@@ -58,10 +58,17 @@ def _tree_digest(path: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-  """(data dirs, workdir with checkpoints 1 and 2 of a clean run)."""
+def base(test_data_root, tmp_path_factory):
+  """(data dirs, workdir with checkpoints 1 and 2 of a clean run).
+
+  The cache and TFDS dataset are a copy of the session's (the tests poison
+  them); the raw data is the session's.
+  """
   root = tmp_path_factory.mktemp("nan")
-  data_dirs = {k: str(root / k) for k in ("raw_dir", "cache_dir", "tfds_dir")}
+  data_dirs = {"raw_dir": os.path.join(test_data_root, "raw")}
+  for kind in ("cache", "tfds"):
+    data_dirs[f"{kind}_dir"] = str(root / kind)
+    shutil.copytree(os.path.join(test_data_root, kind), str(root / kind))
   workdir = str(root / "clean")
   real = train.train_epoch
   calls = []

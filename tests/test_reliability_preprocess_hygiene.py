@@ -21,18 +21,14 @@ import subprocess
 
 import pytest
 
-from affjax.data import synthetic
 from affjax.data.preprocess import cache
 from tests import reliability_helpers as rh
 
 
 @pytest.fixture(scope="module")
-def raw(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("raw") / "raw")
-  synthetic.generate(
-    path, num_trials=6, seed=4, min_seconds=3.0, max_seconds=4.0
-  )
-  return path
+def raw(test_data_root):
+  """`configs/test.py`'s raw data, 6 trials (the session's, read only)."""
+  return os.path.join(test_data_root, "raw")
 
 
 def _call(raw, out, workers):
@@ -46,8 +42,10 @@ def test_parent_killed_alone_stops_its_workers(raw, tmp_path):
   )
   try:
     assert rh.wait_until(
-      lambda: len(cache.finished_trials(out)) >= 1, proc, timeout=60
+      lambda: len(cache.finished_trials(out)) >= 1, proc, timeout=300
     )
+    # Killed while it still has work and workers (else nothing is tested).
+    assert proc.poll() is None and rh.pool_workers(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     gone = rh.group_gone(proc.pid, timeout=15)
@@ -87,9 +85,9 @@ def test_killed_worker_error_names_the_trials_and_says_rerun(raw, tmp_path):
     log,
   )
   try:
-    assert rh.wait_until(lambda: rh.pool_workers(proc.pid), proc, timeout=60)
+    assert rh.wait_until(lambda: rh.pool_workers(proc.pid), proc, timeout=300)
     os.kill(rh.pool_workers(proc.pid)[0], signal.SIGKILL)
-    code = proc.wait(timeout=60)
+    code = proc.wait(timeout=300)
   except subprocess.TimeoutExpired:
     code = None
   finally:

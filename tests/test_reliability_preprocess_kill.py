@@ -21,30 +21,27 @@ import subprocess
 
 import pytest
 
-from affjax.data import synthetic
-from affjax.data.preprocess import cache, run
+from affjax.data.preprocess import cache
 from affjax.data.preprocess.cache import PreprocessSettings
 from tests import reliability_helpers as rh
 
 SETTINGS = PreprocessSettings(vggish_model="tiny")
-NUM_TRIALS = 6  # 5 videos (one with _left/_right subjects)
+NUM_TRIALS = 6  # configs/test.py's: 5 videos (one with _left/_right)
 ARRAY_FILES = len(cache.ARRAYS)  # np.save calls per trial
 
 
 @pytest.fixture(scope="module")
-def raw(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("raw") / "raw")
-  synthetic.generate(
-    path, num_trials=NUM_TRIALS, seed=3, min_seconds=3.0, max_seconds=4.0
-  )
-  return path
+def raw(test_data_root):
+  """`configs/test.py`'s raw data (the session's, tests/conftest.py)."""
+  return os.path.join(test_data_root, "raw")
 
 
 @pytest.fixture(scope="module")
-def reference(raw, tmp_path_factory):
-  """An uninterrupted build of the same raw data."""
-  out = str(tmp_path_factory.mktemp("reference") / "cache")
-  manifest = run.preprocess(raw, out, SETTINGS)
+def reference(test_data_root):
+  """An uninterrupted build of the same raw data with the same settings:
+  the session's cache, built by `affjax.data.prepare` (vggish_model tiny)."""
+  out = os.path.join(test_data_root, "cache")
+  manifest = cache.read_json(os.path.join(out, cache.MANIFEST))
   assert len(manifest["trials"]) == NUM_TRIALS
   return out
 
@@ -115,7 +112,7 @@ def test_kill_at_random_moments_then_rerun(raw, reference, tmp_path):
     target = rng.randint(min(len(done_before), NUM_TRIALS - 1), NUM_TRIALS - 1)
     proc = rh.start(_cli(raw, out, workers=2), log)
     rh.wait_until(
-      lambda t=target: len(cache.finished_trials(out)) >= t, proc, timeout=60
+      lambda t=target: len(cache.finished_trials(out)) >= t, proc, timeout=300
     )
     try:
       proc.wait(timeout=rng.uniform(0.0, 0.3))
@@ -124,7 +121,7 @@ def test_kill_at_random_moments_then_rerun(raw, reference, tmp_path):
       rh.kill_group(proc)
     kills += 1
     print(f"kill {kills} after {target}: {sorted(rh.complete_trials(out))}")
-    assert rh.group_gone(proc.pid, timeout=10)
+    assert rh.group_gone(proc.pid, timeout=60)
     done = rh.assert_cache_consistent(out)
     assert set(done_before) <= set(done)  # finished trials stay finished
     done_before = done
@@ -150,9 +147,9 @@ def test_killed_worker_fails_the_run_then_rerun_completes(
   out = str(tmp_path / "cache")
   proc = rh.start(_cli(raw, out, workers=2), str(tmp_path / "log.txt"))
   try:
-    assert rh.wait_until(lambda: rh.pool_workers(proc.pid), proc, timeout=60)
+    assert rh.wait_until(lambda: rh.pool_workers(proc.pid), proc, timeout=300)
     os.kill(rh.pool_workers(proc.pid)[0], signal.SIGKILL)
-    assert proc.wait(timeout=60) != 0
+    assert proc.wait(timeout=300) != 0
   finally:
     rh.kill_group(proc)
   _rerun_and_check(raw, out, reference, rh.assert_cache_consistent(out))

@@ -1,21 +1,24 @@
 """kill -9 during training: the same command resumes and ends bit-identical.
 
 `python -m affjax.main --config=configs/test.py` (3 epochs, one checkpoint per
-epoch) runs in a child process. The chain under test, in one workdir:
+epoch, 8 CPU devices) runs in a child process. The chain under test, in one
+workdir, each kill triggered by an event of the run (never by how far it got
+in some number of seconds):
 
-1. killed (SIGKILL to its process group) while checkpoint 2 is being written,
-   a random 0-0.6 s after its temporary directory appears;
-2. the same command, killed at a random moment;
+1. killed (SIGKILL to its process group) while checkpoint 2 is being written:
+   a random 0-0.6 s after its temporary directory appears, or at once when
+   checkpoint 3 shows up first (so the run can never finish first);
+2. the same command, SIGKILLed inside its first resumed epoch (by itself,
+   right after its first logged training step);
 3. the same command, run to the end.
 
 Every restart must resume from the newest complete checkpoint (losing at most
 the epoch in progress plus the one whose checkpoint was being written), and
-the last run must end with exactly the summary and final parameters of an
-uninterrupted run of the same config (CPU, one device: bit-identical).
-
-The uninterrupted run builds the shared data (generation, preprocessing,
-TFDS) and runs alongside the chain; a persistent compilation cache keeps the
-restarts short.
+the last run must end with exactly the summary and final parameters of the
+session's uninterrupted in-process run of the same config on the same data
+(tests/conftest.py; CPU, 8 devices: bit-identical, as
+test_reliability_determinism.py checks for a child against this process).
+A persistent compilation cache keeps the restarts short.
 """
 
 import ast
@@ -27,26 +30,18 @@ import re
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 
 from tests import reliability_helpers as rh
+from tests import shared_data
 
 
 def _env(tmp):
   return {
+    "JAX_NUM_CPU_DEVICES": "8",  # as the in-process reference run
     "JAX_COMPILATION_CACHE_DIR": os.path.join(tmp, "jax_cache"),
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
   }
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp("shared"))
-  return root, [
-    f"--config.data.{k}_dir={os.path.join(root, k)}"
-    for k in ("raw", "cache", "tfds")
-  ]
 
 
 def _argv(workdir, data_flags, *extra):
@@ -90,36 +85,17 @@ def final_state(workdir: str, step: int) -> dict:
   return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(path))
 
 
-def test_kill_during_checkpoint_save_and_at_random_then_resume(
-  shared, tmp_path
+def test_kill_during_checkpoint_save_and_in_an_epoch_then_resume(
+  test_data_root, trained_run, tmp_path
 ):
-  root, data_flags = shared
-  rng = random.Random(11)
-  # The uninterrupted reference runs alongside the chain. The chain starts
-  # once the reference has built the shared data: two data preparations at
-  # once on one cache are not supported.
-  full_dir = str(tmp_path / "uninterrupted")
-  full_log = str(tmp_path / "uninterrupted.txt")
-  reference = rh.start(_argv(full_dir, data_flags), full_log, **_env(root))
-
-  def data_ready():  # tfds renames the finished dataset into place
-    info = os.path.join(root, "tfds", "aff_wild2", "1.0.0", "dataset_info.json")
-    return os.path.isfile(info)
-
-  try:
-    assert rh.wait_until(data_ready, reference, timeout=300, interval=0.5)
-    kept, workdir = _kill_twice(root, data_flags, tmp_path, rng)
-    final = rh.run(_argv(workdir, data_flags), timeout=600, **_env(root))
-    assert reference.wait(timeout=600) == 0
-  finally:
-    rh.kill_group(reference)
-  with open(full_log) as f:
-    full = summary_of(f.read())
+  data_flags = shared_data.data_flags(test_data_root)
+  full_dir, full = trained_run
+  kept, workdir = _kill_twice(data_flags, tmp_path, random.Random(11))
+  final = rh.run(_argv(workdir, data_flags), timeout=600, **_env(tmp_path))
 
   # 3. Restarted, runs to the end.
   assert final.returncode == 0, final.stderr[-5000:]
-  if kept:
-    assert resumed_epoch(final.stderr) == kept[-1]
+  assert resumed_epoch(final.stderr) == kept[-1], final.stderr[-3000:]
   assert summary_of(final.stderr) == full
   assert complete_checkpoints(workdir) == complete_checkpoints(full_dir)
   last = complete_checkpoints(full_dir)[-1]
@@ -130,44 +106,67 @@ def test_kill_during_checkpoint_save_and_at_random_then_resume(
   assert not glob.glob(os.path.join(workdir, "checkpoints", "*tmp*"))
 
 
-def _kill_twice(root, data_flags, tmp_path, rng):
+def _output_from(log_path: str, start: int) -> str:
+  with open(log_path) as f:
+    f.seek(start)
+    return f.read()
+
+
+def _kill_twice(data_flags, tmp_path, rng):
   """Steps 1 and 2; returns (complete checkpoints left, workdir)."""
   workdir = str(tmp_path / "run")
   argv = _argv(workdir, data_flags)
   log_path = str(tmp_path / "log.txt")
-  ckpt_tmp = os.path.join(workdir, "checkpoints", "2.orbax-checkpoint-tmp*")
+  ckpt = os.path.join(workdir, "checkpoints")
 
-  def kill(proc, chosen):
-    """Kills at `chosen` (a predicate or seconds); returns the run's log."""
-    start = os.path.getsize(log_path) if os.path.exists(log_path) else 0
-    if callable(chosen):
-      assert rh.wait_until(chosen, proc, timeout=300, interval=0.002)
-      rh.wait_until(lambda: False, proc, timeout=rng.uniform(0.0, 0.6))
-    else:
-      rh.wait_until(lambda: False, proc, timeout=chosen)
+  # 1. Killed while writing checkpoint 2. Epoch 3 and checkpoint 3 come
+  # after it, so a wait cut short when checkpoint 3 appears kills before the
+  # end of the run on any machine.
+  proc = rh.start(argv, log_path, **_env(tmp_path))
+  try:
+    saving = rh.wait_until(
+      lambda: glob.glob(os.path.join(ckpt, "2.orbax-checkpoint-tmp*")),
+      proc,
+      timeout=600,
+      interval=0.002,
+    )
+    rh.wait_until(
+      lambda: glob.glob(os.path.join(ckpt, "3*")),
+      proc,
+      timeout=rng.uniform(0.0, 0.6),
+      interval=0.002,
+    )
     finished = proc.poll() is not None
+  finally:
     rh.kill_group(proc)
-    with open(log_path) as f:
-      f.seek(start)
-      return f.read(), finished
-
-  # 1. Killed while writing checkpoint 2.
-  proc = rh.start(argv, log_path, **_env(root))
-  log, finished = kill(proc, lambda: glob.glob(ckpt_tmp))
-  assert not finished, log[-3000:]
+  log = _output_from(log_path, 0)
+  assert saving and not finished, log[-3000:]
   kept = complete_checkpoints(workdir)
-  assert kept and finished_epochs(log) - kept[-1] <= 1, (kept, log[-3000:])
+  assert kept and kept[-1] <= 2, (kept, log[-3000:])
+  assert finished_epochs(log) - kept[-1] <= 1, (kept, log[-3000:])
 
-  # 2. Restarted, killed at a random moment (start-up, an epoch, a save...).
-  proc = rh.start(argv, log_path, **_env(root))
-  delay = rng.uniform(1.0, 14.0)
-  log, finished = kill(proc, delay)
-  if finished:
-    return [], workdir
-  resumed = resumed_epoch(log)
-  assert resumed is None or resumed == kept[-1], (resumed, kept)
+  # 2. Restarted, killed in the middle of the resumed epoch, before its
+  # checkpoint: the run SIGKILLs itself right after its first logged step
+  # (train.check_finite checks every log_every_steps-th step's metrics). A
+  # run that ends instead fails the test.
+  start = os.path.getsize(log_path)
+  call = (
+    "import sys; from absl import app; from affjax import main; "
+    f"sys.argv = {argv[2:]!r}; "
+    "app.run(main.main, flags_parser=main.parse_flags)"
+  )
+  driver = rh.kill_on_call_driver(
+    [("affjax.train", "check_finite", 1, "after")], call
+  )
+  proc = rh.start(driver, log_path, **_env(tmp_path))
+  try:
+    code = proc.wait(timeout=600)
+  finally:
+    rh.kill_group(proc)
+  log = _output_from(log_path, start)
+  assert code == -9, (code, log[-3000:])
+  assert resumed_epoch(log) == kept[-1], (kept, log[-3000:])
   assert "Traceback" not in log, log[-3000:]
-  done = max(finished_epochs(log), kept[-1])
-  kept = complete_checkpoints(workdir)
-  assert done - kept[-1] <= 1, (done, kept, delay)
+  assert finished_epochs(log) == 0, log[-3000:]  # killed inside the epoch
+  assert complete_checkpoints(workdir) == kept
   return kept, workdir

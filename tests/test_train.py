@@ -2,17 +2,18 @@
 
 One uninterrupted run, one run interrupted inside its second epoch and then
 resumed, and an evaluation of the best checkpoint. The data (generation,
-preprocessing, TFDS) is built once and shared.
+preprocessing, TFDS) is the session's (tests/conftest.py).
 """
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 from affjax import checkpoints, train
-from configs import test as test_config
+from tests import shared_data
 
 
 class Interrupted(Exception):
@@ -20,23 +21,21 @@ class Interrupted(Exception):
 
 
 @pytest.fixture(scope="module")
-def data_dirs(tmp_path_factory):
-  root = tmp_path_factory.mktemp("data")
-  return {k: str(root / k) for k in ("raw_dir", "cache_dir", "tfds_dir")}
+def data_dirs(test_data_root):
+  """The session's `configs/test.py` data (read only)."""
+  return test_data_root
 
 
-def _config(data_dirs):
-  config = test_config.get_config()
-  config.unlock()
-  config.data.update(data_dirs)
-  return config.lock()
+def _config(data_root):
+  return shared_data.test_config(data_root)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(data_dirs, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("full"))
-  summary = train.train_and_evaluate(_config(data_dirs), workdir)
-  return workdir, summary
+def uninterrupted(trained_run, tmp_path_factory):
+  """A copy of the session's uninterrupted run: these tests write into it."""
+  workdir = str(tmp_path_factory.mktemp("full") / "work")
+  shutil.copytree(trained_run[0], workdir)
+  return workdir, trained_run[1]
 
 
 def test_training_runs_releases_and_keeps_latest_and_best(uninterrupted):

@@ -89,26 +89,31 @@ def test_eight_devices_match_one_device():
   _, s8, m8 = _train(eight, config, batches)
   assert int(s1.step) == int(s8.step) == 6
   # Dropout masks come from the same fold_in(loop_key, step) keys and
-  # BatchNorm statistics are global: only reduction order differs. Adam
-  # divides by sqrt(v), so a weight with a near-zero gradient turns float32
-  # round-off into up to ~1% of one lr-sized step: atol 1e-5 at lr 1e-3
-  # (the updates themselves are up to 6e-3 over 6 steps).
+  # BatchNorm statistics are global: only reduction order differs, so the
+  # loss and BatchNorm statistics agree to float32 round-off.
   np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+  # Adam divides by sqrt(v): a weight whose gradient is small turns that
+  # round-off into a visibly different update, and the differences add up
+  # over the steps (up to 1.1e-5 here after 6 steps, machine-dependent).
+  # Each Adam step moves a weight by about lr at most, so the weights are
+  # compared to 1% of the furthest they can have moved; a real mismatch
+  # (other dropout masks, per-device BatchNorm statistics, a lost update)
+  # differs by a good fraction of lr per step, 100x more.
+  lr, steps = config.optim.learning_rate, int(s1.step)
+  atol = 0.01 * lr * steps
   for a, b in zip(
     jax.tree.leaves(train_state.weights(s1)),
     jax.tree.leaves(train_state.weights(s8)),
   ):
-    np.testing.assert_allclose(
-      np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5
-    )
-  # Parameters moved (lr 1e-2 for 6 steps), so the comparison is not vacuous.
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=atol)
+  # The weights moved by far more than the tolerance (Adam at lr 1e-3 for 6
+  # steps), so the comparison is not vacuous.
   init = train_state.init_state(
     train_state.build_setup(config, one, FakeModel()),
     jax.random.split(jax.random.key(0))[0],
   )
-  assert not np.allclose(
-    init.params["head"]["kernel"], s1.params["head"]["kernel"]
-  )
+  moved = np.abs(init.params["head"]["kernel"] - s1.params["head"]["kernel"])
+  assert moved.max() > 20 * atol, moved.max()
 
 
 def test_frozen_group_bit_identical_and_release_without_retrace():
