@@ -181,14 +181,25 @@ def restore_params(manager: ocp.CheckpointManager, step: int) -> PyTree:
   """The `params` of checkpoint `step` as saved (host numpy arrays).
 
   Needs no abstract state, so it reads checkpoints of runs with another model
-  (e.g. the cached-embedding head for an end-to-end run).
+  (e.g. the cached-embedding head for an end-to-end run). The target is
+  built from the saved shapes and dtypes, on this process's first device:
+  the saved arrays' own shardings name devices of the topology that wrote
+  them (e.g. 4 devices), which need not exist here.
 
   Raises:
     FileNotFoundError: if the checkpoint does not exist.
   """
   _check_step(manager, step)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  saved = ocp.StandardCheckpointer().metadata(
+    manager.directory / str(step) / "state"
+  )
+  target = jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+    saved.item_metadata.tree,
+  )
   out = manager.restore(
-    step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
   )
   return jax.tree.map(np.asarray, out["state"]["params"])
 

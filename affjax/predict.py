@@ -50,7 +50,6 @@ import dataclasses
 import functools
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -58,8 +57,9 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from affjax import checkpoints
+from affjax import checkpoints, io
 from affjax import face as face_lib
+from affjax.inference import windows
 
 AUDIO_FEATURES = ("vggish", "mfcc", "egemaps")
 # Config keys that must agree between a given config and the checkpoint's:
@@ -78,18 +78,6 @@ _IGNORED_MODEL_KEYS = ("model.backbone_checkpoint", "model.backbone.conv_chunk")
 
 # ----------------------------------------------------------------------------
 # Video decoding.
-
-
-@dataclasses.dataclass(frozen=True)
-class VideoInfo:
-  """A decoded video. `n_frames` counts decoded frames (not the header's)."""
-
-  path: str
-  n_frames: int
-  fps: float
-  width: int
-  height: int
-  has_audio: bool
 
 
 def _open_video(path: str):
@@ -253,6 +241,11 @@ class LoadedModel:
     metadata: the checkpoint metadata (normalisation statistics, ...).
     settings: preprocessing settings of the run's feature cache.
     apply: jitted `(batch) -> [B, T, n_outputs]` in eval mode.
+    window_fn: the window step on this process's mesh: a batch of inputs
+      plus `trial`/`frame_index` -> `WindowPredictions`
+      (`affjax.inference.windows.make_window_fn`).
+    batch_multiple: window batches must be a multiple of this (the devices
+      of the mesh).
   """
 
   workdir: str
@@ -261,6 +254,8 @@ class LoadedModel:
   metadata: dict[str, Any]
   settings: Any
   apply: Callable[[Mapping[str, np.ndarray]], Any]
+  window_fn: Callable[[Mapping[str, np.ndarray]], Any] | None = None
+  batch_multiple: int = 1
 
   @property
   def emotions(self) -> tuple[str, ...]:
@@ -357,7 +352,6 @@ def load_model(
     ValueError: `config` disagrees with the checkpoint; unsupported model.
   """
   # pylint: disable=g-import-not-at-top
-  import jax
   import ml_collections
 
   from affjax import sharding, train_state
@@ -393,11 +387,14 @@ def load_model(
       f"normalisation statistics of {missing} (feature_stats has "
       f"{sorted(stats)})"
     )
-  mesh = sharding.make_mesh((("data", 1),), devices=jax.devices()[:1])
+  # Every device of this process (of all processes in a multi-process job):
+  # the parameters are restored onto this mesh, whatever mesh saved them.
+  mesh = sharding.make_mesh((("data", -1),))
   setup = train_state.build_setup(cfg, mesh)
   state = checkpoints.restore(manager, step, setup.abstract_state).state
   variables = state.variables()
-  apply = _jitted_apply(setup.model)
+  apply, window_step = _jitted_steps(setup.model, mesh)
+  keys = train_state.model_input_keys(cfg)
   return LoadedModel(
     workdir=workdir,
     step=int(step),
@@ -405,15 +402,25 @@ def load_model(
     metadata=dict(saved.metadata),
     settings=preprocess_settings(cfg, saved.metadata, workdir),
     apply=lambda batch: apply(variables, batch),
+    window_fn=windows.make_window_fn(window_step, variables, mesh, keys),
+    batch_multiple=sharding.num_batch_shards(mesh),
   )
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_apply(model: Any) -> Callable[..., Any]:
-  """One jitted eval apply per distinct model (folds of a run share it)."""
-  import jax  # pylint: disable=g-import-not-at-top
+def _jitted_steps(model: Any, mesh: Any) -> tuple[Callable[..., Any], Any]:
+  """One jitted eval apply and window step per distinct model and mesh
+  (folds of a run share them)."""
+  # pylint: disable=g-import-not-at-top
+  import jax
 
-  return jax.jit(functools.partial(model.apply, train=False))
+  from affjax import sharding
+
+  # pylint: enable=g-import-not-at-top
+  apply = functools.partial(model.apply, train=False)
+  return jax.jit(apply), windows.jit_window_step(
+    apply, mesh, sharding.replicated(mesh)
+  )
 
 
 def _audio_names(cfg: Any) -> tuple[str, ...]:
@@ -529,50 +536,30 @@ def predict_windows(
 ) -> np.ndarray:
   """Windowed inference over one video, overlaps averaged.
 
-  Windows follow `affjax.data.stitch.window_starts` (as evaluation); a video
-  shorter than a window is padded like the pipeline pads (frames -1, audio
-  0) and the padding's outputs are ignored.
+  The evaluation's windows and stitching (`affjax.inference.windows`); a
+  video shorter than a window is padded like the pipeline pads (frames -1,
+  audio 0) and the padding's outputs are ignored.
 
   Returns:
     float64 `[T, n_outputs]`, before the time-delay shift.
   """
-  from affjax.data import stitch  # pylint: disable=g-import-not-at-top
-
+  step = getattr(model, "window_fn", None) or model.apply
+  multiple = getattr(model, "batch_multiple", 1)
   length = len(inputs["frames"])
-  window = int(model.config.data.window_length)
-  hop = int(model.config.data.hop_length)
-  starts = stitch.window_starts(length, window, hop)
-  pad_value = {"frames": -1.0}
-  windows = {
-    k: np.full(
-      (len(starts), window, *v.shape[1:]), pad_value.get(k, 0.0), np.float32
+  n = len(
+    windows.stitch_lib.window_starts(
+      length, model.config.data.window_length, model.config.data.hop_length
     )
-    for k, v in inputs.items()
-  }
-  frame_index = np.full((len(starts), window), -1, np.int64)
-  for i, s in enumerate(starts):
-    n = min(window, length - s)
-    for k, v in inputs.items():
-      windows[k][i, :n] = v[s : s + n]
-    frame_index[i, :n] = np.arange(s, s + n)
-  batch_size = max(1, min(int(batch_size), len(starts)))
-  outputs = []
-  for lo in range(0, len(starts), batch_size):
-    batch = {}
-    for k, v in windows.items():
-      part = v[lo : lo + batch_size]
-      if len(part) < batch_size:  # one compiled shape
-        part = np.concatenate(
-          [
-            part,
-            np.zeros((batch_size - len(part), *part.shape[1:]), part.dtype),
-          ]
-        )
-      batch[k] = part
-    outputs.append(np.asarray(model.apply(batch), np.float32))
-  preds = np.concatenate(outputs)[: len(starts)]
-  return stitch.stitch_windows(
-    preds, np.zeros(len(starts), np.int64), frame_index, [length]
+  )
+  # Windows per call: at most what the video has, a multiple of the devices.
+  batch_size = max(1, min(int(batch_size), n))
+  batch_size = -(-batch_size // multiple) * multiple
+  return windows.predict_trials(
+    step,
+    [inputs],
+    window=int(model.config.data.window_length),
+    hop=int(model.config.data.hop_length),
+    batch_size=batch_size,
   )[0]
 
 
@@ -749,22 +736,6 @@ def predict_video(
 # Outputs.
 
 
-def _atomic_write(
-  path: str, write: Callable[[Any], None], mode: str = "w"
-) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-  try:
-    with os.fdopen(fd, mode) as f:
-      write(f)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def csv_text(prediction: Prediction) -> str:
   """The CSV: `frame,time_s,<emotions>,face_found`, one row per frame."""
   header = ["frame", "time_s", *prediction.emotions, "face_found"]
@@ -828,25 +799,22 @@ def plot(path: str, prediction: Prediction) -> None:
   ax.axhline(0, color="0.6", lw=0.5)
   ax.set_xlabel("time (s)")
   ax.set_title(
-    f"{os.path.basename(prediction.video)}: {len(prediction.models)} model(s)",
+    f"{io.basename(prediction.video)}: {len(prediction.models)} model(s)",
     fontsize=9,
   )
   ax.legend(loc="upper right", fontsize=8, framealpha=0.4)
   fig.tight_layout()
-  _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90), "wb")
+  io.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90), "wb")
 
 
 def write_outputs(
   prediction: Prediction, out_dir: str, detector_settings: Any = None
 ) -> dict[str, str]:
   """Writes `<stem>.csv`, `<stem>.png` and `<stem>.json` into `out_dir`."""
-  os.makedirs(out_dir, exist_ok=True)
-  stem = os.path.splitext(os.path.basename(prediction.video))[0]
-  paths = {
-    k: os.path.join(out_dir, f"{stem}.{k}") for k in ("csv", "png", "json")
-  }
-  text = csv_text(prediction)
-  _atomic_write(paths["csv"], lambda f: f.write(text))
+  io.makedirs(out_dir)
+  stem = os.path.splitext(io.basename(prediction.video))[0]
+  paths = {k: io.join(out_dir, f"{stem}.{k}") for k in ("csv", "png", "json")}
+  io.write_text(paths["csv"], csv_text(prediction))
   plot(paths["png"], prediction)
   summary = {
     "video": prediction.video,
@@ -861,9 +829,9 @@ def write_outputs(
     "detector": dataclasses.asdict(
       detector_settings or face_lib.DetectorSettings()
     ),
-    "outputs": {k: os.path.basename(p) for k, p in paths.items()},
+    "outputs": {k: io.basename(p) for k, p in paths.items()},
   }
-  _atomic_write(paths["json"], lambda f: json.dump(summary, f, indent=1))
+  io.write_text(paths["json"], json.dumps(summary, indent=1))
   prediction.paths = paths
   return paths
 
@@ -904,7 +872,7 @@ def run(
     detector=detector,
     batch_size=batch_size,
   )
-  out_dir = out_dir or os.path.join(models[0].workdir, "predict")
+  out_dir = out_dir or io.join(models[0].workdir, "predict")
   write_outputs(prediction, out_dir, detector.settings)
   logging.info("Wrote %s", ", ".join(prediction.paths.values()))
   return prediction

@@ -41,6 +41,7 @@ from jax.experimental import multihost_utils
 
 from affjax import checkpoints, losses, optim, sharding
 from affjax import train_state as ts
+from affjax.inference import windows
 from affjax.train_state import Setup, TrainState
 
 PyTree = Any
@@ -216,18 +217,19 @@ def jit_train_step(
 
 
 def jit_eval_step(setup: Setup, mesh: jax.sharding.Mesh):
-  """Jitted prediction step: `[B, T, ...]` inputs -> `[B, T, outputs]`."""
+  """Jitted window step: `(state, batch) -> {"preds", "trial", "frame_index"}`.
+
+  `batch` holds the model inputs `[B, T, ...]` plus the windows' identity;
+  the predictions `[B, T, outputs]` come back with that identity (see
+  `affjax.inference.windows.jit_window_step`).
+  """
   model = setup.model
 
   @trace_once
-  def eval_step(state: TrainState, batch: Batch) -> jax.Array:
-    return model.apply(state.variables(), batch, train=False)
+  def eval_step(state: TrainState, inputs: Batch) -> jax.Array:
+    return model.apply(state.variables(), inputs, train=False)
 
-  return jax.jit(
-    eval_step,
-    in_shardings=(setup.shardings, sharding.data_sharding(mesh)),
-    out_shardings=sharding.data_sharding(mesh),
-  )
+  return windows.jit_window_step(eval_step, mesh, setup.shardings)
 
 
 @dataclasses.dataclass
@@ -241,7 +243,7 @@ class Program:
   """
 
   setup: Setup
-  eval_step: Callable[[TrainState, Batch], jax.Array]
+  eval_step: Callable[[TrainState, Batch], dict[str, jax.Array]]
   mesh: jax.sharding.Mesh
   loop_key: jax.Array
   train_steps: dict[frozenset[str], Callable[..., Any]] = dataclasses.field(
@@ -300,23 +302,15 @@ def make_predict_fn(
   state: TrainState,
   mesh: jax.sharding.Mesh,
   input_keys: Iterable[str],
-) -> Callable[[Batch], np.ndarray]:
-  """Host function: a whole numpy eval batch -> numpy predictions.
+) -> Callable[[Batch], windows.WindowPredictions]:
+  """Host function: a whole numpy eval batch -> its `WindowPredictions`.
 
-  Every process passes the same whole batch; each contributes its rows to the
-  global array and receives all predictions back, so evaluation gives the same
-  numbers on every host.
+  Every process passes the same whole batch; the global array is assembled
+  from the rows each process's devices hold (any device order), and every
+  process receives all predictions with their windows' identity, so
+  evaluation gives the same numbers on every host.
   """
-  keys = tuple(input_keys)
-
-  def predict(batch: Batch) -> np.ndarray:
-    rows = sharding.local_rows(len(batch[keys[0]]))
-    inputs = {k: np.asarray(batch[k])[rows] for k in keys}
-    return sharding.to_host(
-      eval_step(state, sharding.global_batch(inputs, mesh))
-    )
-
-  return predict
+  return windows.make_window_fn(eval_step, state, mesh, input_keys)
 
 
 # ----------------------------------------------------------------------------
@@ -439,8 +433,10 @@ def evaluate_split(
 ) -> dict[str, Any]:
   """Predicts every window of `split`, stitches trials, scores them.
 
-  Every process evaluates the whole split (identical results everywhere);
-  only process 0 writes `out_dir`.
+  Every process reads the whole split and feeds the same batches; each
+  contributes the rows its devices hold (`affjax.inference.windows`), so the
+  results are identical everywhere and equal to one process's whatever the
+  mesh's device order; only process 0 writes `out_dir`.
   """
   from affjax import evaluate  # pylint: disable=g-import-not-at-top
   from affjax.data import pipeline  # pylint: disable=g-import-not-at-top
