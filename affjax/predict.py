@@ -62,18 +62,6 @@ from affjax import face as face_lib
 from affjax.inference import windows
 
 AUDIO_FEATURES = ("vggish", "mfcc", "egemaps")
-# Config keys that must agree between a given config and the checkpoint's:
-# the ones that change what the model computes from a video.
-_MODEL_KEYS = (
-  "model",
-  "data.emotions",
-  "data.features",
-  "data.window_length",
-  "data.hop_length",
-  "data.crop_size",
-  "data.time_delay",
-)
-_IGNORED_MODEL_KEYS = ("model.backbone_checkpoint", "model.backbone.conv_chunk")
 
 
 # ----------------------------------------------------------------------------
@@ -268,32 +256,6 @@ class LoadedModel:
     return tuple(name for name, _ in self.config.model.audio_features)
 
 
-def _check_same_model(
-  saved: Mapping[str, Any], config: Any, where: str
-) -> None:
-  """Raises if `config` computes something else than the checkpoint."""
-  diffs = [
-    k
-    for k in checkpoints.config_differences(
-      saved, config, ignore=_IGNORED_MODEL_KEYS
-    )
-    if any(k == p or k.startswith(p + ".") for p in _MODEL_KEYS)
-  ]
-  if diffs:
-    a = checkpoints.flatten(saved)
-    b = checkpoints.flatten(checkpoints.config_to_json(config))
-    lines = "; ".join(
-      f"{k}: checkpoint {a.get(k, '<missing>')!r}, given "
-      f"{b.get(k, '<missing>')!r}"
-      for k in diffs
-    )
-    raise ValueError(
-      f"--config does not match the checkpoint in {where}: "
-      f"{lines}. Predict without --config (the checkpoint "
-      "carries its own) or with the run's config."
-    )
-
-
 def preprocess_settings(
   config: Any, metadata: Mapping[str, Any], workdir: str
 ) -> Any:
@@ -372,7 +334,15 @@ def load_model(
     )
   saved = checkpoints.restore(manager, step)
   if config is not None:
-    _check_same_model(saved.config, config, manager.directory)
+    checkpoints.check_config(
+      saved.config,
+      config,
+      manager.directory,
+      ignore=checkpoints.EVAL_SAFE_KEYS,
+      only=checkpoints.MODEL_KEYS,
+      advice="Predict without --config (the checkpoint carries its own) "
+      "or with the run's config.",
+    )
   cfg = ml_collections.ConfigDict(saved.config)
   if cfg.model.input != "frames":
     raise ValueError(

@@ -48,49 +48,6 @@ PyTree = Any
 Batch = dict[str, Any]
 Metrics = dict[str, float]
 
-# Config keys allowed to differ from the checkpoint's when resuming: they
-# change where data lives, how often things are logged, or how far training
-# may go, not what an epoch computes.
-RESUME_SAFE_KEYS = (
-  "data.raw_dir",
-  "data.cache_dir",
-  "data.tfds_dir",
-  "train.log_every_steps",
-  "train.max_in_flight",
-  "train.prefetch",
-  "train.eval_batch_size",
-  "train.max_epochs",
-  "eval",
-  "mesh",
-  # A speed setting with the same results (affjax.models.iresnet.conv2d).
-  "model.backbone.conv_chunk",
-)
-# For evaluating a checkpoint only the model, the data layout and the state's
-# tree structure matter; the optimiser's parameter groups (frozen and release
-# regexes) shape the saved optimiser state, its scalars do not.
-EVAL_SAFE_KEYS = RESUME_SAFE_KEYS + (
-  "train",
-  "seed",
-  "data.synthetic",
-  "model.backbone_checkpoint",
-  "model.head_checkpoint",
-  *(
-    f"optim.{k}"
-    for k in (
-      "learning_rate",
-      "weight_decay",
-      "b1",
-      "b2",
-      "eps",
-      "factor",
-      "patience",
-      "min_learning_rate",
-      "milestones",
-      "release_count",
-    )
-  ),
-)
-
 
 @flax.struct.dataclass
 class TrainMetrics(clu_metrics.Collection):
@@ -563,7 +520,7 @@ def _restore_or_init(
     )
   saved = checkpoints.restore(manager, latest)
   checkpoints.check_config(
-    saved.config, config, manager.directory, ignore=RESUME_SAFE_KEYS
+    saved.config, config, manager.directory, ignore=checkpoints.RESUME_SAFE_KEYS
   )
   state = checkpoints.restore(manager, latest, setup.abstract_state).state
   best_step = manager.best_step()
@@ -812,7 +769,7 @@ def evaluate_checkpoint(
     raise FileNotFoundError(f"no checkpoint in {manager.directory}")
   saved = checkpoints.restore(manager, step)
   checkpoints.check_config(
-    saved.config, config, manager.directory, ignore=EVAL_SAFE_KEYS
+    saved.config, config, manager.directory, ignore=checkpoints.EVAL_SAFE_KEYS
   )
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(

@@ -92,13 +92,13 @@ def test_config_mismatch_names_keys(tmp_path):
   ]
   with pytest.raises(
     ValueError,
-    match=r"2 keys differ\): data.fold: saved 0,"
-    r" current 3; train.max_epochs: saved 3, current 9",
+    match=r"2 keys differ\): data.fold: checkpoint 0,"
+    r" given 3; train.max_epochs: checkpoint 3, given 9",
   ):
     checkpoints.check_config(saved, current, str(tmp_path))
   current = _config()
   current.data.emotions = ("valence",)
-  with pytest.raises(ValueError, match="data.emotions: saved"):
+  with pytest.raises(ValueError, match="data.emotions: checkpoint"):
     checkpoints.check_config(saved, current, "dir")
 
 
