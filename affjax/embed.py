@@ -449,11 +449,7 @@ def load_backbone(
     return backbone, dict(init(jax.random.key(seed, impl="rbg")))
   from affjax import convert  # pylint: disable=g-import-not-at-top
 
-  state_dict = convert.load_torch_checkpoint(checkpoint)
-  if any(k.startswith(("spatial.", "backbone.")) for k in state_dict):
-    loaded = convert.backbone_variables_from_reference(state_dict)
-  else:
-    loaded = iresnet.iresnet_variables_from_torch(state_dict)
+  loaded = convert.load_backbone_variables(checkpoint)
   want = jax.eval_shape(init, jax.random.key(0))
   shapes = lambda t: jax.tree.map(lambda a: tuple(np.shape(a)), t)
   if shapes(dict(want)) != shapes(dict(loaded)):
