@@ -315,7 +315,7 @@ def plot_trial(
   io.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80), "wb")
 
 
-def write_outputs(
+def write_split_outputs(
   out_dir: str,
   results: Results,
   stitched: Sequence[np.ndarray],
@@ -361,7 +361,9 @@ def evaluate_predictions(
   stitched = stitch_trials(windows, split)
   results = compute_results(stitched, split, emotions, variance_ddof)
   if out_dir is not None:
-    write_outputs(out_dir, results, stitched, split, emotions, plots=plots)
+    write_split_outputs(
+      out_dir, results, stitched, split, emotions, plots=plots
+    )
   return results
 
 

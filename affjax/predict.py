@@ -554,7 +554,7 @@ class Prediction:
     used_audio: whether audio features were computed (False: no audio
       track, or visual-only models).
     models: `[{"workdir", "step"}]` of the runs merged.
-    paths: files written by `write_outputs` (name -> path).
+    paths: files written by `write_video_outputs` (name -> path).
   """
 
   video: str
@@ -777,7 +777,7 @@ def plot(path: str, prediction: Prediction) -> None:
   io.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90), "wb")
 
 
-def write_outputs(
+def write_video_outputs(
   prediction: Prediction, out_dir: str, detector_settings: Any = None
 ) -> dict[str, str]:
   """Writes `<stem>.csv`, `<stem>.png` and `<stem>.json` into `out_dir`."""
@@ -843,6 +843,6 @@ def run(
     batch_size=batch_size,
   )
   out_dir = out_dir or io.join(models[0].workdir, "predict")
-  write_outputs(prediction, out_dir, detector.settings)
+  write_video_outputs(prediction, out_dir, detector.settings)
   logging.info("Wrote %s", ", ".join(prediction.paths.values()))
   return prediction
