@@ -170,7 +170,7 @@ def test_nan_validation_predictions_stop_before_saving(
 
     def wrapped(batch):
       out = predict(batch)
-      out.preds[out.trial == 0] = np.nan
+      out.preds = np.where((out.trial == 0)[:, None, None], np.nan, out.preds)
       return out
 
     return wrapped
