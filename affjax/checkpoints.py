@@ -36,6 +36,68 @@ PyTree = Any
 BEST_METRIC = "ccc_mean"
 
 
+# The one table of which config keys each use of a checkpoint reads: resume
+# (train.py), evaluate (train.py) and predict (predict.py).
+# Config keys allowed to differ from the checkpoint's when resuming: they
+# change where data lives, how often things are logged, or how far training
+# may go, not what an epoch computes.
+RESUME_SAFE_KEYS = (
+  "data.raw_dir",
+  "data.cache_dir",
+  "data.tfds_dir",
+  "data.memory_cache_gb",
+  "train.log_every_steps",
+  "train.max_in_flight",
+  "train.prefetch",
+  "train.eval_batch_size",
+  "train.max_epochs",
+  "eval",
+  "mesh",
+  # A speed setting with the same results (affjax.models.iresnet.conv2d).
+  "model.backbone.conv_chunk",
+  # Preprocessing parallelism, and guards that only stop a run at its start.
+  "data.preprocess.num_workers",
+  "data.allow_random_vggish",
+  "model.allow_random_backbone",
+)
+# For evaluating a checkpoint only the model, the data layout and the state's
+# tree structure matter; the optimiser's parameter groups (frozen and release
+# regexes) shape the saved optimiser state, its scalars do not.
+EVAL_SAFE_KEYS = RESUME_SAFE_KEYS + (
+  "train",
+  "seed",
+  "data.synthetic",
+  "model.backbone_checkpoint",
+  "model.head_checkpoint",
+  *(
+    f"optim.{k}"
+    for k in (
+      "learning_rate",
+      "weight_decay",
+      "b1",
+      "b2",
+      "eps",
+      "factor",
+      "patience",
+      "min_learning_rate",
+      "milestones",
+      "release_count",
+    )
+  ),
+)
+# What `--mode=predict` compares when given a --config: the keys that change
+# what the model computes from a video (minus EVAL_SAFE_KEYS).
+MODEL_KEYS = (
+  "model",
+  "data.emotions",
+  "data.features",
+  "data.window_length",
+  "data.hop_length",
+  "data.crop_size",
+  "data.time_delay",
+)
+
+
 def directory(workdir: str) -> str:
   """Where a run keeps its checkpoints."""
   return io.join(io.absolute(workdir), "checkpoints")
@@ -182,14 +244,25 @@ def restore_params(manager: ocp.CheckpointManager, step: int) -> PyTree:
   """The `params` of checkpoint `step` as saved (host numpy arrays).
 
   Needs no abstract state, so it reads checkpoints of runs with another model
-  (e.g. the cached-embedding head for an end-to-end run).
+  (e.g. the cached-embedding head for an end-to-end run). The target is
+  built from the saved shapes and dtypes, on this process's first device:
+  the saved arrays' own shardings name devices of the topology that wrote
+  them (e.g. 4 devices), which need not exist here.
 
   Raises:
     FileNotFoundError: if the checkpoint does not exist.
   """
   _check_step(manager, step)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  saved = ocp.StandardCheckpointer().metadata(
+    manager.directory / str(step) / "state"
+  )
+  target = jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+    saved.item_metadata.tree,
+  )
   out = manager.restore(
-    step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
   )
   return jax.tree.map(np.asarray, out["state"]["params"])
 
@@ -210,22 +283,25 @@ def config_differences(
   saved: Mapping[str, Any],
   current: ml_collections.ConfigDict,
   ignore: Sequence[str] = (),
+  only: Sequence[str] = (),
 ) -> list[str]:
   """Dotted keys whose values differ between a saved and the current config.
 
   Keys equal to or under an `ignore` entry (e.g. 'data.cache_dir' or 'eval')
   are skipped: they change where or how often things happen, not what is
-  computed.
+  computed. With `only`, just the keys equal to or under its entries count.
   """
   a, b = flatten(saved), flatten(config_to_json(current))
 
-  def ignored(key):
-    return any(key == p or key.startswith(p + ".") for p in ignore)
+  def under(key, prefixes):
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
 
   return sorted(
     k
     for k in set(a) | set(b)
-    if not ignored(k) and a.get(k, "<missing>") != b.get(k, "<missing>")
+    if not under(k, ignore)
+    and (not only or under(k, only))
+    and a.get(k, "<missing>") != b.get(k, "<missing>")
   )
 
 
@@ -234,6 +310,9 @@ def check_config(
   current: ml_collections.ConfigDict,
   where: str,
   ignore: Sequence[str] = (),
+  *,
+  only: Sequence[str] = (),
+  advice: str = "Use the same config (and overrides) or a new --workdir.",
 ) -> None:
   """Raises ValueError naming every key that differs (see config_differences).
 
@@ -241,17 +320,19 @@ def check_config(
     saved: config JSON restored from a checkpoint.
     current: the config of this invocation.
     where: the checkpoint directory, for the message.
-    ignore: key prefixes allowed to differ.
+    ignore: key prefixes allowed to differ (e.g. `RESUME_SAFE_KEYS`).
+    only: if given, the key prefixes compared (e.g. `MODEL_KEYS`).
+    advice: the last sentence of the message: what to do.
   """
-  diffs = config_differences(saved, current, ignore)
+  diffs = config_differences(saved, current, ignore, only)
   if diffs:
     a, b = flatten(saved), flatten(config_to_json(current))
     lines = "; ".join(
-      f"{k}: saved {a.get(k, '<missing>')!r}, current {b.get(k, '<missing>')!r}"
+      f"{k}: checkpoint {a.get(k, '<missing>')!r}, given "
+      f"{b.get(k, '<missing>')!r}"
       for k in diffs
     )
     raise ValueError(
       f"the checkpoint in {where} was written with a different config "
-      f"({len(diffs)} keys differ): {lines}. Use the same config (and "
-      "overrides) or a new --workdir."
+      f"({len(diffs)} keys differ): {lines}. {advice}"
     )

@@ -178,6 +178,22 @@ def backbone_variables_from_reference(state_dict: StateDict) -> Variables:
   )
 
 
+def load_backbone_variables(path: str) -> Variables:
+  """Backbone variables from any reference file that holds a backbone.
+
+  The one loader of `model.backbone_checkpoint` and `affjax.embed`: the full
+  model (`spatial.*`), the pretrained `res50_ir_0.887.pth` (`backbone.*` +
+  `logits.*`) or a bare backbone state dict.
+
+  Returns:
+    `{'params': ..., 'batch_stats': ...}` for the IResNet backbone.
+  """
+  state_dict = load_torch_checkpoint(path)
+  if any(k.startswith(("spatial.", "backbone.")) for k in state_dict):
+    return backbone_variables_from_reference(state_dict)
+  return iresnet.iresnet_variables_from_torch(state_dict)
+
+
 def from_reference_state_dict(
   state_dict: StateDict, model_config: Any
 ) -> Variables:

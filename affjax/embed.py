@@ -38,7 +38,6 @@ import collections
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -46,6 +45,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from affjax import io
 
 Array = jax.Array
 Variables = Mapping[str, Any]
@@ -67,7 +68,7 @@ IDENTITY_KEYS = (
   "seed",
   "crop_size",
 )
-_TMP_PREFIX = ".tmp-"
+_TMP_PREFIX = io.TMP_PREFIX
 
 
 def embedding_settings(
@@ -224,20 +225,6 @@ def embed_frames(
   yield from finished()
 
 
-def _atomic_save(path: str, write: Callable[[Any], None], suffix: str) -> None:
-  fd, tmp = tempfile.mkstemp(
-    prefix=_TMP_PREFIX, suffix=suffix, dir=os.path.dirname(path)
-  )
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def write_embeddings(
   trial_dir: str, embeddings: np.ndarray, settings: Mapping[str, Any]
 ) -> None:
@@ -248,16 +235,15 @@ def write_embeddings(
       f"{trial_dir}: embeddings must be [T, {EMBEDDING_DIM}], "
       f"got {embeddings.shape}."
     )
-  _atomic_save(
+  io.atomic_write(
     os.path.join(trial_dir, EMBEDDINGS_FILE),
     lambda f: np.save(f, embeddings),
-    ".npy",
+    "wb",
   )
   info = dict(settings, n_frames=int(embeddings.shape[0]))
-  _atomic_save(
+  io.atomic_write(
     os.path.join(trial_dir, INFO_FILE),
-    lambda f: f.write(json.dumps(info, indent=1, sort_keys=True).encode()),
-    ".json",
+    lambda f: json.dump(info, f, indent=1, sort_keys=True),
   )
 
 
@@ -463,11 +449,7 @@ def load_backbone(
     return backbone, dict(init(jax.random.key(seed, impl="rbg")))
   from affjax import convert  # pylint: disable=g-import-not-at-top
 
-  state_dict = convert.load_torch_checkpoint(checkpoint)
-  if any(k.startswith(("spatial.", "backbone.")) for k in state_dict):
-    loaded = convert.backbone_variables_from_reference(state_dict)
-  else:
-    loaded = iresnet.iresnet_variables_from_torch(state_dict)
+  loaded = convert.load_backbone_variables(checkpoint)
   want = jax.eval_shape(init, jax.random.key(0))
   shapes = lambda t: jax.tree.map(lambda a: tuple(np.shape(a)), t)
   if shapes(dict(want)) != shapes(dict(loaded)):

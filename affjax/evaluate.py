@@ -1,7 +1,7 @@
 """Host-side evaluation: window predictions -> trials -> metrics and files.
 
 Independent of training. The caller supplies a `predict_fn` mapping one eval
-batch (numpy dict, layout of the team contract) to `[batch, time, outputs]`
+batch (numpy dict, the layout of `affjax.data.pipeline`) to `[batch, time, outputs]`
 predictions, e.g. its jitted eval step; this module collects the window
 outputs, stitches them into per-trial series (overlapping windows averaged per
 frame, `affjax.data.stitch.stitch_windows`), and scores them like the
@@ -17,18 +17,16 @@ Files written under `out_dir` (all atomically):
                            of `affjax.merge.merge_folds`
   plots/<trial>.png        prediction vs label per emotion (optional)
 
-Multi-process evaluation: each process sees only its shard of windows, so
-run `collect_windows` per process, gather the three arrays of
-`WindowPredictions` on every process (e.g.
-`jax.experimental.multihost_utils.process_allgather`) and call
-`evaluate_predictions` with the union; every frame of every trial must be
-covered by some window, or a ValueError names the trial.
+Multi-process evaluation: pass a window step of `affjax.inference.windows`
+(`make_window_fn`) as `predict_fn`; every process feeds the same whole batch,
+gets every row's prediction back with the identity (trial, frames) that went
+through the devices with it, and stitching sorts the windows first, so every
+process computes the same results as one process would. Every frame of every
+trial must be covered by some window, or a ValueError names the trial.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -36,6 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from affjax import io, metrics
+from affjax.inference import windows as windows_lib
 
 Batch = Mapping[str, np.ndarray]
 PredictFn = Callable[[Batch], Any]
@@ -54,19 +53,7 @@ class SplitLike(Protocol):
   label_masks: list[np.ndarray]  # per trial [L] (or [L, n_emotions]) bool
 
 
-@dataclasses.dataclass
-class WindowPredictions:
-  """Model outputs of every eval window, in batch order.
-
-  Attributes:
-    preds: float32 `[N, T, C]` window outputs.
-    trial: int `[N]` index into the split's trial_names, -1 on padding rows.
-    frame_index: int `[N, T]` frame inside the trial, -1 on padding frames.
-  """
-
-  preds: np.ndarray
-  trial: np.ndarray
-  frame_index: np.ndarray
+WindowPredictions = windows_lib.WindowPredictions
 
 
 def collect_windows(
@@ -75,7 +62,10 @@ def collect_windows(
   """Runs `predict_fn` over `batches` and stacks the window outputs.
 
   Args:
-    predict_fn: batch dict -> `[B, T, C]` array (numpy or jax).
+    predict_fn: batch dict -> either `WindowPredictions` (a window step of
+      `affjax.inference.windows`, whose identity travelled with the
+      predictions) or a `[B, T, C]` array in the batch's row order (a
+      single-process host function; the identity is then the batch's).
     batches: eval batches with at least `trial` `[B]` and `frame_index`
       `[B, T]`.
 
@@ -85,23 +75,8 @@ def collect_windows(
   Raises:
     ValueError: if there are no batches or an output has the wrong shape.
   """
-  preds, trials, frames = [], [], []
-  for i, batch in enumerate(batches):
-    out = np.asarray(predict_fn(batch), np.float32)
-    frame_index = np.asarray(batch["frame_index"])
-    if out.ndim != 3 or out.shape[:2] != frame_index.shape:
-      raise ValueError(
-        f"predict_fn output of batch {i} has shape {out.shape}; expected "
-        f"[batch, time, outputs] matching frame_index {frame_index.shape}"
-      )
-    preds.append(out)
-    trials.append(np.asarray(batch["trial"]))
-    frames.append(frame_index)
-  if not preds:
-    raise ValueError("collect_windows: the batch iterator yielded nothing")
-  return WindowPredictions(
-    np.concatenate(preds), np.concatenate(trials), np.concatenate(frames)
-  )
+
+  return windows_lib.collect(predict_fn, batches)
 
 
 def stitch_trials(
@@ -113,10 +88,6 @@ def stitch_trials(
     ValueError: if a frame of a trial is covered by no window, or a window
       points outside its trial.
   """
-  # Imported here: the data package pulls TensorFlow, which plain
-  # metric/merge users should not pay for.
-  from affjax.data.stitch import stitch_windows
-
   lengths = np.asarray(split.trial_lengths, np.int64)
   trial = np.asarray(windows.trial)
   frame_index = np.asarray(windows.frame_index)
@@ -142,10 +113,9 @@ def stitch_trials(
       raise ValueError(
         f"split {split.name!r}, trial {name!r}: {int((~covered).sum())} of "
         f"{lengths[i]} frames have no window prediction (incomplete "
-        f"eval batches, or predictions of other processes not gathered)"
+        f"eval batches)"
       )
-  stitched = stitch_windows(windows.preds, trial, frame_index, lengths)
-  return [np.asarray(s, np.float64) for s in stitched]
+  return windows_lib.stitch(windows, lengths)
 
 
 def _valid_mask(split: SplitLike, i: int, n_emotions: int) -> np.ndarray:
@@ -240,27 +210,9 @@ def scalars(results: Results, prefix: str = "") -> dict[str, float]:
   return out
 
 
-def _atomic_write(
-  path: str, write: Callable[[Any], None], mode: str = "w"
-) -> None:
-  """Whole-file write to a local path or a URL (see `affjax.io`)."""
-  io.atomic_write(path, write, mode)
-
-
-def _json_safe(x: Any) -> Any:
-  if isinstance(x, dict):
-    return {k: _json_safe(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_json_safe(v) for v in x]
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  return x
-
-
 def write_results(path: str, results: Results) -> None:
   """Writes `results` as JSON (NaN/inf as null), atomically."""
-  text = json.dumps(_json_safe(results), indent=2, allow_nan=False)
-  _atomic_write(path, lambda f: f.write(text + "\n"))
+  io.write_json(path, results)
 
 
 def write_prediction_file(
@@ -276,7 +228,7 @@ def write_prediction_file(
       f"{path}: predictions of shape {pred.shape} do not "
       f"match emotions {list(emotions)}"
     )
-  _atomic_write(
+  io.atomic_write(
     path,
     lambda f: np.savetxt(
       f, pred, fmt="%.9g", delimiter=",", header=",".join(emotions), comments=""
@@ -295,34 +247,34 @@ def read_prediction_file(path: str) -> tuple[list[str], np.ndarray]:
     ValueError: on an empty/bad header, unparsable rows, a wrong number of
       columns or NaN/inf values, naming the file (and row).
   """
-  with io.open_file(path) as f:
-    header = f.readline().strip()
-    names = [h.strip().lower() for h in header.split(",")]
-    if not header or any(not n for n in names) or len(set(names)) != len(names):
+  lines = io.read_text(path).splitlines()
+  header = (lines[0] if lines else "").strip()
+  names = [h.strip().lower() for h in header.split(",")]
+  if not header or any(not n for n in names) or len(set(names)) != len(names):
+    raise ValueError(
+      f"{path}: bad header line {header!r}; expected "
+      f"comma-separated emotion names, e.g. valence,arousal"
+    )
+  rows = []
+  for line_no, line in enumerate(lines[1:], start=2):
+    if not line.strip():
+      continue
+    try:
+      row = [float(v) for v in line.split(",")]
+    except ValueError:
       raise ValueError(
-        f"{path}: bad header line {header!r}; expected "
-        f"comma-separated emotion names, e.g. valence,arousal"
+        f"{path}, line {line_no}: cannot parse {line!r}"
+      ) from None
+    if len(row) != len(names):
+      raise ValueError(
+        f"{path}, line {line_no}: {len(row)} values, "
+        f"expected {len(names)} ({','.join(names)})"
       )
-    rows = []
-    for line_no, line in enumerate(f, start=2):
-      if not line.strip():
-        continue
-      try:
-        row = [float(v) for v in line.split(",")]
-      except ValueError:
-        raise ValueError(
-          f"{path}, line {line_no}: cannot parse {line!r}"
-        ) from None
-      if len(row) != len(names):
-        raise ValueError(
-          f"{path}, line {line_no}: {len(row)} values, "
-          f"expected {len(names)} ({','.join(names)})"
-        )
-      if not all(math.isfinite(v) for v in row):
-        raise ValueError(
-          f"{path}, line {line_no}: non-finite value in {line.strip()!r}"
-        )
-      rows.append(row)
+    if not all(math.isfinite(v) for v in row):
+      raise ValueError(
+        f"{path}, line {line_no}: non-finite value in {line.strip()!r}"
+      )
+    rows.append(row)
   data = np.asarray(rows, np.float64).reshape(len(rows), len(names))
   return names, data
 
@@ -360,10 +312,10 @@ def plot_trial(
     ax.set_xlabel("frame")
     ax.legend(loc="upper right", fontsize=7, framealpha=0.3)
   fig.tight_layout()
-  _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80), "wb")
+  io.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80), "wb")
 
 
-def write_outputs(
+def write_split_outputs(
   out_dir: str,
   results: Results,
   stitched: Sequence[np.ndarray],
@@ -409,7 +361,9 @@ def evaluate_predictions(
   stitched = stitch_trials(windows, split)
   results = compute_results(stitched, split, emotions, variance_ddof)
   if out_dir is not None:
-    write_outputs(out_dir, results, stitched, split, emotions, plots=plots)
+    write_split_outputs(
+      out_dir, results, stitched, split, emotions, plots=plots
+    )
   return results
 
 

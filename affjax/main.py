@@ -197,13 +197,11 @@ def _merge() -> None:
 def _predict() -> None:
   _require("workdir")
   _require("video")
-  try:
-    from affjax import predict  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise NotImplementedError(
-      "--mode=predict is not available in this version (affjax.predict is "
-      "missing; see issue 5)"
-    ) from e
+  # Imported here: decoding and face detection are only needed to predict.
+  # An ImportError raised inside it (a missing PyAV or OpenCV) is shown as
+  # it is, naming the package to install.
+  from affjax import predict  # pylint: disable=g-import-not-at-top
+
   predict.run(
     FLAGS.workdir, FLAGS.video, out_dir=FLAGS.out, config=FLAGS.config
   )

@@ -59,36 +59,13 @@ from absl import logging
 
 from affjax import checkpoints, io
 from affjax import face as face_lib
+from affjax.inference import windows
 
 AUDIO_FEATURES = ("vggish", "mfcc", "egemaps")
-# Config keys that must agree between a given config and the checkpoint's:
-# the ones that change what the model computes from a video.
-_MODEL_KEYS = (
-  "model",
-  "data.emotions",
-  "data.features",
-  "data.window_length",
-  "data.hop_length",
-  "data.crop_size",
-  "data.time_delay",
-)
-_IGNORED_MODEL_KEYS = ("model.backbone_checkpoint", "model.backbone.conv_chunk")
 
 
 # ----------------------------------------------------------------------------
 # Video decoding.
-
-
-@dataclasses.dataclass(frozen=True)
-class VideoInfo:
-  """A decoded video. `n_frames` counts decoded frames (not the header's)."""
-
-  path: str
-  n_frames: int
-  fps: float
-  width: int
-  height: int
-  has_audio: bool
 
 
 def _open_video(path: str):
@@ -252,6 +229,11 @@ class LoadedModel:
     metadata: the checkpoint metadata (normalisation statistics, ...).
     settings: preprocessing settings of the run's feature cache.
     apply: jitted `(batch) -> [B, T, n_outputs]` in eval mode.
+    window_fn: the window step on this process's mesh: a batch of inputs
+      plus `trial`/`frame_index` -> `WindowPredictions`
+      (`affjax.inference.windows.make_window_fn`).
+    batch_multiple: window batches must be a multiple of this (the devices
+      of the mesh).
   """
 
   workdir: str
@@ -260,6 +242,8 @@ class LoadedModel:
   metadata: dict[str, Any]
   settings: Any
   apply: Callable[[Mapping[str, np.ndarray]], Any]
+  window_fn: Callable[[Mapping[str, np.ndarray]], Any] | None = None
+  batch_multiple: int = 1
 
   @property
   def emotions(self) -> tuple[str, ...]:
@@ -270,32 +254,6 @@ class LoadedModel:
     if self.config.model.name != "av_leader_follower":
       return ()
     return tuple(name for name, _ in self.config.model.audio_features)
-
-
-def _check_same_model(
-  saved: Mapping[str, Any], config: Any, where: str
-) -> None:
-  """Raises if `config` computes something else than the checkpoint."""
-  diffs = [
-    k
-    for k in checkpoints.config_differences(
-      saved, config, ignore=_IGNORED_MODEL_KEYS
-    )
-    if any(k == p or k.startswith(p + ".") for p in _MODEL_KEYS)
-  ]
-  if diffs:
-    a = checkpoints.flatten(saved)
-    b = checkpoints.flatten(checkpoints.config_to_json(config))
-    lines = "; ".join(
-      f"{k}: checkpoint {a.get(k, '<missing>')!r}, given "
-      f"{b.get(k, '<missing>')!r}"
-      for k in diffs
-    )
-    raise ValueError(
-      f"--config does not match the checkpoint in {where}: "
-      f"{lines}. Predict without --config (the checkpoint "
-      "carries its own) or with the run's config."
-    )
 
 
 def preprocess_settings(
@@ -356,7 +314,6 @@ def load_model(
     ValueError: `config` disagrees with the checkpoint; unsupported model.
   """
   # pylint: disable=g-import-not-at-top
-  import jax
   import ml_collections
 
   from affjax import sharding, train_state
@@ -377,7 +334,15 @@ def load_model(
     )
   saved = checkpoints.restore(manager, step)
   if config is not None:
-    _check_same_model(saved.config, config, manager.directory)
+    checkpoints.check_config(
+      saved.config,
+      config,
+      manager.directory,
+      ignore=checkpoints.EVAL_SAFE_KEYS,
+      only=checkpoints.MODEL_KEYS,
+      advice="Predict without --config (the checkpoint carries its own) "
+      "or with the run's config.",
+    )
   cfg = ml_collections.ConfigDict(saved.config)
   if cfg.model.input != "frames":
     raise ValueError(
@@ -392,11 +357,14 @@ def load_model(
       f"normalisation statistics of {missing} (feature_stats has "
       f"{sorted(stats)})"
     )
-  mesh = sharding.make_mesh((("data", 1),), devices=jax.devices()[:1])
+  # Every device of this process (of all processes in a multi-process job):
+  # the parameters are restored onto this mesh, whatever mesh saved them.
+  mesh = sharding.make_mesh((("data", -1),))
   setup = train_state.build_setup(cfg, mesh)
   state = checkpoints.restore(manager, step, setup.abstract_state).state
   variables = state.variables()
-  apply = _jitted_apply(setup.model)
+  apply, window_step = _jitted_steps(setup.model, mesh)
+  keys = train_state.model_input_keys(cfg)
   return LoadedModel(
     workdir=workdir,
     step=int(step),
@@ -404,15 +372,25 @@ def load_model(
     metadata=dict(saved.metadata),
     settings=preprocess_settings(cfg, saved.metadata, workdir),
     apply=lambda batch: apply(variables, batch),
+    window_fn=windows.make_window_fn(window_step, variables, mesh, keys),
+    batch_multiple=sharding.num_batch_shards(mesh),
   )
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_apply(model: Any) -> Callable[..., Any]:
-  """One jitted eval apply per distinct model (folds of a run share it)."""
-  import jax  # pylint: disable=g-import-not-at-top
+def _jitted_steps(model: Any, mesh: Any) -> tuple[Callable[..., Any], Any]:
+  """One jitted eval apply and window step per distinct model and mesh
+  (folds of a run share them)."""
+  # pylint: disable=g-import-not-at-top
+  import jax
 
-  return jax.jit(functools.partial(model.apply, train=False))
+  from affjax import sharding
+
+  # pylint: enable=g-import-not-at-top
+  apply = functools.partial(model.apply, train=False)
+  return jax.jit(apply), windows.jit_window_step(
+    apply, mesh, sharding.replicated(mesh)
+  )
 
 
 def _audio_names(cfg: Any) -> tuple[str, ...]:
@@ -528,50 +506,30 @@ def predict_windows(
 ) -> np.ndarray:
   """Windowed inference over one video, overlaps averaged.
 
-  Windows follow `affjax.data.stitch.window_starts` (as evaluation); a video
-  shorter than a window is padded like the pipeline pads (frames -1, audio
-  0) and the padding's outputs are ignored.
+  The evaluation's windows and stitching (`affjax.inference.windows`); a
+  video shorter than a window is padded like the pipeline pads (frames -1,
+  audio 0) and the padding's outputs are ignored.
 
   Returns:
     float64 `[T, n_outputs]`, before the time-delay shift.
   """
-  from affjax.data import stitch  # pylint: disable=g-import-not-at-top
-
+  step = getattr(model, "window_fn", None) or model.apply
+  multiple = getattr(model, "batch_multiple", 1)
   length = len(inputs["frames"])
-  window = int(model.config.data.window_length)
-  hop = int(model.config.data.hop_length)
-  starts = stitch.window_starts(length, window, hop)
-  pad_value = {"frames": -1.0}
-  windows = {
-    k: np.full(
-      (len(starts), window, *v.shape[1:]), pad_value.get(k, 0.0), np.float32
+  n = len(
+    windows.stitch_lib.window_starts(
+      length, model.config.data.window_length, model.config.data.hop_length
     )
-    for k, v in inputs.items()
-  }
-  frame_index = np.full((len(starts), window), -1, np.int64)
-  for i, s in enumerate(starts):
-    n = min(window, length - s)
-    for k, v in inputs.items():
-      windows[k][i, :n] = v[s : s + n]
-    frame_index[i, :n] = np.arange(s, s + n)
-  batch_size = max(1, min(int(batch_size), len(starts)))
-  outputs = []
-  for lo in range(0, len(starts), batch_size):
-    batch = {}
-    for k, v in windows.items():
-      part = v[lo : lo + batch_size]
-      if len(part) < batch_size:  # one compiled shape
-        part = np.concatenate(
-          [
-            part,
-            np.zeros((batch_size - len(part), *part.shape[1:]), part.dtype),
-          ]
-        )
-      batch[k] = part
-    outputs.append(np.asarray(model.apply(batch), np.float32))
-  preds = np.concatenate(outputs)[: len(starts)]
-  return stitch.stitch_windows(
-    preds, np.zeros(len(starts), np.int64), frame_index, [length]
+  )
+  # Windows per call: at most what the video has, a multiple of the devices.
+  batch_size = max(1, min(int(batch_size), n))
+  batch_size = -(-batch_size // multiple) * multiple
+  return windows.predict_trials(
+    step,
+    [inputs],
+    window=int(model.config.data.window_length),
+    hop=int(model.config.data.hop_length),
+    batch_size=batch_size,
   )[0]
 
 
@@ -596,7 +554,7 @@ class Prediction:
     used_audio: whether audio features were computed (False: no audio
       track, or visual-only models).
     models: `[{"workdir", "step"}]` of the runs merged.
-    paths: files written by `write_outputs` (name -> path).
+    paths: files written by `write_video_outputs` (name -> path).
   """
 
   video: str
@@ -748,13 +706,6 @@ def predict_video(
 # Outputs.
 
 
-def _atomic_write(
-  path: str, write: Callable[[Any], None], mode: str = "w"
-) -> None:
-  """Whole-file write to a local path or a URL (see `affjax.io`)."""
-  io.atomic_write(path, write, mode)
-
-
 def csv_text(prediction: Prediction) -> str:
   """The CSV: `frame,time_s,<emotions>,face_found`, one row per frame."""
   header = ["frame", "time_s", *prediction.emotions, "face_found"]
@@ -818,23 +769,22 @@ def plot(path: str, prediction: Prediction) -> None:
   ax.axhline(0, color="0.6", lw=0.5)
   ax.set_xlabel("time (s)")
   ax.set_title(
-    f"{os.path.basename(prediction.video)}: {len(prediction.models)} model(s)",
+    f"{io.basename(prediction.video)}: {len(prediction.models)} model(s)",
     fontsize=9,
   )
   ax.legend(loc="upper right", fontsize=8, framealpha=0.4)
   fig.tight_layout()
-  _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90), "wb")
+  io.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90), "wb")
 
 
-def write_outputs(
+def write_video_outputs(
   prediction: Prediction, out_dir: str, detector_settings: Any = None
 ) -> dict[str, str]:
   """Writes `<stem>.csv`, `<stem>.png` and `<stem>.json` into `out_dir`."""
   io.makedirs(out_dir)
-  stem = os.path.splitext(os.path.basename(prediction.video))[0]
+  stem = os.path.splitext(io.basename(prediction.video))[0]
   paths = {k: io.join(out_dir, f"{stem}.{k}") for k in ("csv", "png", "json")}
-  text = csv_text(prediction)
-  _atomic_write(paths["csv"], lambda f: f.write(text))
+  io.write_text(paths["csv"], csv_text(prediction))
   plot(paths["png"], prediction)
   summary = {
     "video": prediction.video,
@@ -849,9 +799,9 @@ def write_outputs(
     "detector": dataclasses.asdict(
       detector_settings or face_lib.DetectorSettings()
     ),
-    "outputs": {k: os.path.basename(p) for k, p in paths.items()},
+    "outputs": {k: io.basename(p) for k, p in paths.items()},
   }
-  _atomic_write(paths["json"], lambda f: json.dump(summary, f, indent=1))
+  io.write_text(paths["json"], json.dumps(summary, indent=1))
   prediction.paths = paths
   return paths
 
@@ -893,6 +843,6 @@ def run(
     batch_size=batch_size,
   )
   out_dir = out_dir or io.join(models[0].workdir, "predict")
-  write_outputs(prediction, out_dir, detector.settings)
+  write_video_outputs(prediction, out_dir, detector.settings)
   logging.info("Wrote %s", ", ".join(prediction.paths.values()))
   return prediction

@@ -41,59 +41,12 @@ from jax.experimental import multihost_utils
 
 from affjax import checkpoints, io, losses, optim, required_weights, sharding
 from affjax import train_state as ts
+from affjax.inference import windows
 from affjax.train_state import Setup, TrainState
 
 PyTree = Any
 Batch = dict[str, Any]
 Metrics = dict[str, float]
-
-# Config keys allowed to differ from the checkpoint's when resuming: they
-# change where data lives, how often things are logged, or how far training
-# may go, not what an epoch computes.
-RESUME_SAFE_KEYS = (
-  "data.raw_dir",
-  "data.cache_dir",
-  "data.tfds_dir",
-  "data.memory_cache_gb",
-  "train.log_every_steps",
-  "train.max_in_flight",
-  "train.prefetch",
-  "train.eval_batch_size",
-  "train.max_epochs",
-  "eval",
-  "mesh",
-  # A speed setting with the same results (affjax.models.iresnet.conv2d).
-  "model.backbone.conv_chunk",
-  # Preprocessing parallelism, and guards that only stop a run at its start.
-  "data.preprocess.num_workers",
-  "data.allow_random_vggish",
-  "model.allow_random_backbone",
-)
-# For evaluating a checkpoint only the model, the data layout and the state's
-# tree structure matter; the optimiser's parameter groups (frozen and release
-# regexes) shape the saved optimiser state, its scalars do not.
-EVAL_SAFE_KEYS = RESUME_SAFE_KEYS + (
-  "train",
-  "seed",
-  "data.synthetic",
-  "model.backbone_checkpoint",
-  "model.head_checkpoint",
-  *(
-    f"optim.{k}"
-    for k in (
-      "learning_rate",
-      "weight_decay",
-      "b1",
-      "b2",
-      "eps",
-      "factor",
-      "patience",
-      "min_learning_rate",
-      "milestones",
-      "release_count",
-    )
-  ),
-)
 
 
 @flax.struct.dataclass
@@ -222,18 +175,19 @@ def jit_train_step(
 
 
 def jit_eval_step(setup: Setup, mesh: jax.sharding.Mesh):
-  """Jitted prediction step: `[B, T, ...]` inputs -> `[B, T, outputs]`."""
+  """Jitted window step: `(state, batch) -> {"preds", "trial", "frame_index"}`.
+
+  `batch` holds the model inputs `[B, T, ...]` plus the windows' identity;
+  the predictions `[B, T, outputs]` come back with that identity (see
+  `affjax.inference.windows.jit_window_step`).
+  """
   model = setup.model
 
   @trace_once
-  def eval_step(state: TrainState, batch: Batch) -> jax.Array:
-    return model.apply(state.variables(), batch, train=False)
+  def eval_step(state: TrainState, inputs: Batch) -> jax.Array:
+    return model.apply(state.variables(), inputs, train=False)
 
-  return jax.jit(
-    eval_step,
-    in_shardings=(setup.shardings, sharding.data_sharding(mesh)),
-    out_shardings=sharding.data_sharding(mesh),
-  )
+  return windows.jit_window_step(eval_step, mesh, setup.shardings)
 
 
 @dataclasses.dataclass
@@ -247,7 +201,7 @@ class Program:
   """
 
   setup: Setup
-  eval_step: Callable[[TrainState, Batch], jax.Array]
+  eval_step: Callable[[TrainState, Batch], dict[str, jax.Array]]
   mesh: jax.sharding.Mesh
   loop_key: jax.Array
   train_steps: dict[frozenset[str], Callable[..., Any]] = dataclasses.field(
@@ -306,23 +260,15 @@ def make_predict_fn(
   state: TrainState,
   mesh: jax.sharding.Mesh,
   input_keys: Iterable[str],
-) -> Callable[[Batch], np.ndarray]:
-  """Host function: a whole numpy eval batch -> numpy predictions.
+) -> Callable[[Batch], windows.WindowPredictions]:
+  """Host function: a whole numpy eval batch -> its `WindowPredictions`.
 
-  Every process passes the same whole batch; each contributes its rows to the
-  global array and receives all predictions back, so evaluation gives the same
-  numbers on every host.
+  Every process passes the same whole batch; the global array is assembled
+  from the rows each process's devices hold (any device order), and every
+  process receives all predictions with their windows' identity, so
+  evaluation gives the same numbers on every host.
   """
-  keys = tuple(input_keys)
-
-  def predict(batch: Batch) -> np.ndarray:
-    rows = sharding.local_rows(len(batch[keys[0]]))
-    inputs = {k: np.asarray(batch[k])[rows] for k in keys}
-    return sharding.to_host(
-      eval_step(state, sharding.global_batch(inputs, mesh))
-    )
-
-  return predict
+  return windows.make_window_fn(eval_step, state, mesh, input_keys)
 
 
 # ----------------------------------------------------------------------------
@@ -445,8 +391,10 @@ def evaluate_split(
 ) -> dict[str, Any]:
   """Predicts every window of `split`, stitches trials, scores them.
 
-  Every process evaluates the whole split (identical results everywhere);
-  only process 0 writes `out_dir`.
+  Every process reads the whole split and feeds the same batches; each
+  contributes the rows its devices hold (`affjax.inference.windows`), so the
+  results are identical everywhere and equal to one process's whatever the
+  mesh's device order; only process 0 writes `out_dir`.
   """
   from affjax import evaluate  # pylint: disable=g-import-not-at-top
   from affjax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -573,7 +521,7 @@ def _restore_or_init(
     )
   saved = checkpoints.restore(manager, latest)
   checkpoints.check_config(
-    saved.config, config, manager.directory, ignore=RESUME_SAFE_KEYS
+    saved.config, config, manager.directory, ignore=checkpoints.RESUME_SAFE_KEYS
   )
   state = checkpoints.restore(manager, latest, setup.abstract_state).state
   best_step = manager.best_step()
@@ -822,7 +770,7 @@ def evaluate_checkpoint(
     raise FileNotFoundError(f"no checkpoint in {manager.directory}")
   saved = checkpoints.restore(manager, step)
   checkpoints.check_config(
-    saved.config, config, manager.directory, ignore=EVAL_SAFE_KEYS
+    saved.config, config, manager.directory, ignore=checkpoints.EVAL_SAFE_KEYS
   )
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(

@@ -175,20 +175,16 @@ def init_state(setup: Setup, key: jax.Array) -> TrainState:
 def load_backbone_checkpoint(state: TrainState, path: str) -> TrainState:
   """Replaces the backbone's variables by a reference PyTorch checkpoint.
 
-  Accepts the pretrained `res50_ir_0.887.pth` layout (`backbone.*` +
-  `logits.*`) or a bare backbone state dict.
+  Accepts a full reference model (`spatial.*`), the pretrained
+  `res50_ir_0.887.pth` layout (`backbone.*` + `logits.*`) or a bare backbone
+  state dict (`affjax.convert.load_backbone_variables`).
 
   Raises:
     ValueError: if the converted shapes differ from the model's.
   """
   from affjax import convert  # pylint: disable=g-import-not-at-top
-  from affjax.models import iresnet  # pylint: disable=g-import-not-at-top
 
-  state_dict = convert.load_torch_checkpoint(path)
-  if any(k.startswith("backbone.") for k in state_dict):
-    loaded = iresnet.iresnet_variables_from_res50(state_dict)
-  else:
-    loaded = iresnet.iresnet_variables_from_torch(state_dict)
+  loaded = convert.load_backbone_variables(path)
   params = dict(state.params)
   batch_stats = dict(state.batch_stats)
   for tree, collection in ((params, "params"), (batch_stats, "batch_stats")):

@@ -80,8 +80,8 @@ def init_variables(model, batch):
 
 
 def epoch_costs(args) -> None:
-  from affjax import inference  # pylint: disable=g-import-not-at-top
   from affjax.data import stitch  # pylint: disable=g-import-not-at-top
+  from affjax.inference import trial as inference  # pylint: disable=g-import-not-at-top
   from affjax.models import build_model  # pylint: disable=g-import-not-at-top
 
   lengths, total_frames = demo_train_lengths()

@@ -6,7 +6,7 @@ two ways:
 * windows: 300-frame windows every 200 frames (`affjax.data.stitch`'s
   starts, as `train.evaluate_split` cuts them), `--batch` windows per jitted
   eval call (the last call padded), overlaps averaged;
-* whole trial: `affjax.inference.make_trial_predictor` (backbone once per
+* whole trial: `affjax.inference.trial.make_trial_predictor` (backbone once per
   frame, TCNs + fusion over one chunk with receptive-field context).
 
 Both are timed in alternation (medians, host work included, compiled
@@ -83,7 +83,7 @@ def main() -> None:
   parser.add_argument("--chunk", type=int, default=0, help="0: the trial")
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
-  from affjax import inference  # pylint: disable=g-import-not-at-top
+  from affjax.inference import trial as inference  # pylint: disable=g-import-not-at-top
   from affjax.models import build_model  # pylint: disable=g-import-not-at-top
 
   print(f"jax {jax.__version__}, load average {harness.load_average()}")

@@ -1,5 +1,9 @@
 """Tests for affjax.checkpoints: latest + best retention, restore, config check."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -88,13 +92,13 @@ def test_config_mismatch_names_keys(tmp_path):
   ]
   with pytest.raises(
     ValueError,
-    match=r"2 keys differ\): data.fold: saved 0,"
-    r" current 3; train.max_epochs: saved 3, current 9",
+    match=r"2 keys differ\): data.fold: checkpoint 0,"
+    r" given 3; train.max_epochs: checkpoint 3, given 9",
   ):
     checkpoints.check_config(saved, current, str(tmp_path))
   current = _config()
   current.data.emotions = ("valence",)
-  with pytest.raises(ValueError, match="data.emotions: saved"):
+  with pytest.raises(ValueError, match="data.emotions: checkpoint"):
     checkpoints.check_config(saved, current, "dir")
 
 
@@ -106,3 +110,35 @@ def test_metadata_must_be_json(tmp_path):
       manager, 1, _state(1, mesh), _config(), {"bad": object()}, 0.1
     )
   manager.close()
+
+
+_SAVE_ON_4_DEVICES = """
+import sys, jax, numpy as np, ml_collections
+jax.config.update("jax_num_cpu_devices", 4)
+from affjax import checkpoints, sharding
+repl = sharding.replicated(sharding.make_mesh([("data", -1)]))
+put = lambda x: jax.device_put(x, repl)
+state = {"params": {"w": put(np.arange(6, dtype=np.float32).reshape(2, 3))},
+         "step": put(np.int32(3))}
+manager = checkpoints.create_manager(sys.argv[1])
+checkpoints.save(manager, 1, state, ml_collections.ConfigDict({"a": 1}), {}, 0.5)
+manager.wait_until_finished()
+"""
+
+
+def test_restore_params_of_a_checkpoint_saved_on_other_devices(tmp_path):
+  """Saved by a process with 4 devices, read here (8): no topology error."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": repo}
+  env.pop("XLA_FLAGS", None)
+  subprocess.run(
+    [sys.executable, "-c", _SAVE_ON_4_DEVICES, str(tmp_path)],
+    env=env,
+    check=True,
+    timeout=120,
+  )
+  manager = checkpoints.create_manager(str(tmp_path), read_only=True)
+  params = checkpoints.restore_params(manager, 1)
+  np.testing.assert_array_equal(
+    params["w"], np.arange(6, dtype=np.float32).reshape(2, 3)
+  )

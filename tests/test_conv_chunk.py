@@ -74,7 +74,7 @@ def test_negative_conv_chunk_is_named():
 
 
 def test_conv_chunk_may_differ_from_the_checkpoint_on_resume_and_eval():
-  from affjax import checkpoints, train
+  from affjax import checkpoints
   from configs import common
 
   saved = common.base_config()
@@ -82,7 +82,7 @@ def test_conv_chunk_may_differ_from_the_checkpoint_on_resume_and_eval():
   current = common.base_config()
   current.model.backbone.conv_chunk = 64
   saved_json = checkpoints.config_to_json(saved)
-  for keys in (train.RESUME_SAFE_KEYS, train.EVAL_SAFE_KEYS):
+  for keys in (checkpoints.RESUME_SAFE_KEYS, checkpoints.EVAL_SAFE_KEYS):
     assert not checkpoints.config_differences(saved_json, current, keys)
   assert checkpoints.config_differences(saved_json, current)
 

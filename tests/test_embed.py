@@ -310,3 +310,42 @@ def test_cli_embeds_a_cache(tmp_path, embed_fn):
     np.asarray(embed_fn(frames))[:3],
     **BATCHING_TOL,
   )
+
+
+def test_full_model_layout_loads_as_backbone_checkpoint(tmp_path):
+  """A full reference model (`spatial.*`) works as model.backbone_checkpoint,
+  giving the same backbone as the bare backbone file."""
+  from affjax import sharding, train_state
+  from configs import test as test_config
+
+  net = torch_iresnet.Backbone(
+    stage_channels=(16, 32, 64, 128), stage_units=(1, 1, 1, 1)
+  )
+  net = torch_iresnet.randomize_(net, seed=2).eval()
+  bare = str(tmp_path / "bare.pth")
+  full = str(tmp_path / "full.pth")
+  torch.save(net.state_dict(), bare)
+  torch.save(
+    {
+      **{f"spatial.{k}": v for k, v in net.state_dict().items()},
+      "regressor.weight": torch.zeros(2, 4),  # other parts: ignored
+    },
+    full,
+  )
+  config = test_config.get_config()
+  mesh = sharding.make_mesh([("data", -1)])
+  setup = train_state.build_setup(config, mesh)
+  state = train_state.init_state(setup, jax.random.key(0))
+  from_full = train_state.load_backbone_checkpoint(state, full)
+  from_bare = train_state.load_backbone_checkpoint(state, bare)
+  for collection in ("params", "batch_stats"):
+    a = getattr(from_full, collection)["backbone"]
+    b = getattr(from_bare, collection)["backbone"]
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+  conv = from_full.params["backbone"]
+  assert not all(
+    np.array_equal(x, y)
+    for x, y in zip(
+      jax.tree.leaves(conv), jax.tree.leaves(state.params["backbone"])
+    )
+  )

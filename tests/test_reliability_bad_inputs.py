@@ -330,8 +330,8 @@ def test_workdir_with_checkpoints_of_another_config(data, tmp_path):
   )
   assert result.returncode != 0
   err = result.stderr
-  assert "model.kernel_size: saved 3, current 5" in err, err[-4000:]
-  assert "optim.learning_rate: saved 0.001, current 0.01" in err, err[-4000:]
+  assert "model.kernel_size: checkpoint 3, given 5" in err, err[-4000:]
+  assert "optim.learning_rate: checkpoint 0.001, given 0.01" in err, err[-4000:]
   assert checkpoints.directory(workdir) in err
   assert _digest(checkpoints.directory(workdir)) == before
 

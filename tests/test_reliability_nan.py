@@ -176,9 +176,9 @@ def test_nan_validation_predictions_stop_before_saving(
     predict = real(*args, **kwargs)
 
     def wrapped(batch):
-      preds = np.array(predict(batch))
-      preds[np.asarray(batch["trial"]) == 0] = np.nan
-      return preds
+      out = predict(batch)
+      out.preds = np.where((out.trial == 0)[:, None, None], np.nan, out.preds)
+      return out
 
     return wrapped
 

@@ -127,7 +127,9 @@ def test_evaluate_rejects_a_different_model_config(uninterrupted, data_dirs):
   workdir, _ = uninterrupted
   config = _config(data_dirs)
   config.model.kernel_size = 5
-  with pytest.raises(ValueError, match="model.kernel_size: saved 3, current 5"):
+  with pytest.raises(
+    ValueError, match="model.kernel_size: checkpoint 3, given 5"
+  ):
     train.evaluate_checkpoint(config, workdir)
 
 

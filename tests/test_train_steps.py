@@ -173,10 +173,15 @@ def test_predict_fn_and_eval_step_on_eight_devices():
     train.jit_eval_step(setup, mesh), state, mesh, ["embeddings"]
   )
   batch = _batches(1, batch_size=16)[0]
+  # The identity of each window travels with its prediction.
+  batch["trial"] = np.arange(16, dtype=np.int32)[::-1].copy()
+  batch["frame_index"] = np.arange(16 * T, dtype=np.int32).reshape(16, T)
   out = predict(batch)
   want = FakeModel().apply(train_state.weights(state), batch, train=False)
-  assert out.shape == (16, T, 2) and isinstance(out, np.ndarray)
-  np.testing.assert_allclose(out, np.asarray(want), rtol=1e-5, atol=1e-6)
+  assert out.preds.shape == (16, T, 2) and isinstance(out.preds, np.ndarray)
+  np.testing.assert_allclose(out.preds, np.asarray(want), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(out.trial, batch["trial"])
+  np.testing.assert_array_equal(out.frame_index, batch["frame_index"])
 
 
 def test_nan_is_reported_with_step_range():

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from affjax import io
 from affjax.data.preprocess import audio
 
 VERSION = 1
@@ -45,7 +46,7 @@ FEATURE_DIMS = {
   "vggish": audio.VGGISH_DIM,
 }
 ARRAYS = ("frames", "face_mask", "labels", *FEATURE_DIMS)
-_TMP_PREFIX = ".tmp-"
+_TMP_PREFIX = io.TMP_PREFIX
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _FREE_AND_RERUN = (
   "free some space and rerun the same command (finished trials are kept)"
@@ -94,23 +95,15 @@ class PreprocessSettings:
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
-  """Writes JSON to a temp file in the same directory, then renames it.
+  """Writes JSON atomically (`affjax.io.atomic_write`).
 
   Raises:
     OSError: naming `path` when the disk is full.
   """
-  fd, tmp = tempfile.mkstemp(
-    prefix=_TMP_PREFIX, suffix=".json", dir=os.path.dirname(path)
-  )
   try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=1, sort_keys=True)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    os.replace(tmp, path)
-  except BaseException as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    if isinstance(e, OSError) and e.errno in _DISK_FULL:
+    io.atomic_write(path, lambda f: json.dump(obj, f, indent=1, sort_keys=True))
+  except OSError as e:
+    if e.errno in _DISK_FULL:
       raise OSError(
         e.errno, f"disk full writing {path} ({e.strerror}); {_FREE_AND_RERUN}"
       ) from e

@@ -34,12 +34,13 @@ How it runs (static shapes, one compilation):
    (the first chunk of a trial needs none), packed across trials into
    `[batch_size, chunk_length + context]` batches; only the outputs with a
    full causal history are kept. Trailing padding is harmless (causal).
+   This is the windowed path of `affjax.inference.windows.predict_trials`
+   with chunks instead of overlapping windows.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -47,15 +48,13 @@ import jax
 import numpy as np
 
 from affjax import embed as embed_lib
+from affjax.inference import windows
 from affjax.models import tcn
 
 Array = jax.Array
 Trial = Mapping[str, np.ndarray]  # model input key -> [T, ...]
 Variables = Mapping[str, Any]
-# (input_start, keep_start, keep_end): the chunk reads frames
-# [input_start, input_start + width) and provides outputs [keep_start,
-# keep_end).
-ChunkPlan = list[tuple[int, int, int]]
+plan_chunks = windows.plan_chunks
 
 
 def receptive_field(model: Any) -> int:
@@ -73,52 +72,6 @@ def input_keys(model: Any) -> tuple[str, ...]:
   )
 
 
-def plan_chunks(length: int, chunk_length: int, context: int) -> ChunkPlan:
-  """Splits `[0, length)` into chunks of width `chunk_length + context`.
-
-  Chunk 0 reads frames `[0, width)` and keeps all of them; chunk j >= 1 reads
-  `[j * chunk_length, j * chunk_length + width)` and keeps all but its first
-  `context` frames. Kept ranges tile `[0, length)` exactly once.
-
-  Args:
-    length: trial length, frames.
-    chunk_length: new frames per chunk (> 0).
-    context: left context, `receptive_field - 1` frames.
-
-  Returns:
-    `[(input_start, keep_start, keep_end), ...]`; empty for length 0.
-  """
-  if chunk_length < 1 or context < 0:
-    raise ValueError(
-      f"need chunk_length >= 1 and context >= 0, got "
-      f"{chunk_length} and {context}."
-    )
-  if length <= 0:
-    return []
-  width = chunk_length + context
-  count = max(1, math.ceil((length - context) / chunk_length))
-  plan = [(0, 0, min(width, length))]
-  for j in range(1, count):
-    start = j * chunk_length
-    plan.append((start, start + context, min(start + width, length)))
-  return plan
-
-
-def window_starts(length: int, window: int, hop: int) -> list[int]:
-  """Window starts of the reference's sliding windows over one trial.
-
-  `0, hop, 2 hop, ...` while a full window fits, plus one window ending at
-  the last frame if the grid misses it; one (padded) window if the trial is
-  shorter than a window.
-  """
-  if length <= window:
-    return [0]
-  starts = list(range(0, length - window + 1, hop))
-  if starts[-1] + window < length:
-    starts.append(length - window)
-  return starts
-
-
 def identical_frames(
   length: int, starts: Sequence[int], window: int, field: int
 ) -> np.ndarray:
@@ -126,7 +79,7 @@ def identical_frames(
 
   Args:
     length: trial length, frames.
-    starts: window starts (e.g. `window_starts`).
+    starts: window starts (e.g. `affjax.data.stitch.window_starts`).
     window: window length, frames.
     field: the model's receptive field (`receptive_field(model)`).
 
@@ -166,31 +119,6 @@ def split_backbone(
   return model.backbone, backbone_vars, head, head_vars
 
 
-def gather_chunks(
-  trial: Trial, plan: ChunkPlan, width: int
-) -> dict[str, np.ndarray]:
-  """`{key: [len(plan), width, ...]}`: the chunks' inputs, zero-padded."""
-  out = {}
-  for key, x in trial.items():
-    x = np.asarray(x)
-    rows = np.zeros((len(plan), width, *x.shape[1:]), x.dtype)
-    for i, (start, _, _) in enumerate(plan):
-      piece = x[start : start + width]
-      rows[i, : len(piece)] = piece
-    out[key] = rows
-  return out
-
-
-def scatter_chunks(
-  outputs: np.ndarray, plan: ChunkPlan, length: int
-) -> np.ndarray:
-  """Chunk outputs `[len(plan), width, C]` -> trial predictions `[T, C]`."""
-  pred = np.zeros((length, outputs.shape[-1]), outputs.dtype)
-  for row, (start, keep_start, keep_end) in zip(outputs, plan):
-    pred[keep_start:keep_end] = row[keep_start - start : keep_end - start]
-  return pred
-
-
 @dataclasses.dataclass
 class TrialPredictor:
   """Whole-trial predictions with fixed compiled shapes.
@@ -225,38 +153,18 @@ class TrialPredictor:
           **{k: v for k, v in trials[i].items() if k != "frames"},
           "embeddings": emb,
         }
-    width = self.chunk_length + self.context
-    plans = [
-      plan_chunks(len(t["embeddings"]), self.chunk_length, self.context)
-      for t in trials
-    ]
-    rows = [gather_chunks(t, p, width) for t, p in zip(trials, plans)]
-    if not any(plans):
+    if not any(len(t["embeddings"]) for t in trials):
       return [np.zeros((0, self.num_outputs), np.float32) for _ in trials]
-    stacked = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
-    outputs = []
-    total = len(stacked["embeddings"])
-    for lo in range(0, total, self.batch_size):
-      batch = {}
-      for k, v in stacked.items():
-        part = v[lo : lo + self.batch_size]
-        if len(part) < self.batch_size:  # pad rows: one compiled shape
-          pad = np.zeros(
-            (self.batch_size - len(part), *part.shape[1:]), part.dtype
-          )
-          part = np.concatenate([part, pad])
-        batch[k] = part
-      outputs.append(self.head_fn(batch))
-    outputs = np.concatenate([np.asarray(o, np.float32) for o in outputs])
-    preds, offset = [], 0
-    for t, plan in zip(trials, plans):
-      preds.append(
-        scatter_chunks(
-          outputs[offset : offset + len(plan)], plan, len(t["embeddings"])
-        )
-      )
-      offset += len(plan)
-    return preds
+    keys = tuple(trials[0])
+    preds = windows.predict_trials(
+      lambda batch: self.head_fn({k: batch[k] for k in keys}),
+      trials,
+      window=self.chunk_length,
+      context=self.context,
+      batch_size=self.batch_size,
+    )
+    # Each frame is kept from exactly one chunk: the float32 output itself.
+    return [p.astype(np.float32) for p in preds]
 
   def _check(self, index: int, trial: Trial) -> dict[str, np.ndarray]:
     missing = [k for k in self.keys if k not in trial]
