@@ -71,6 +71,8 @@ EVAL_SAFE_KEYS = RESUME_SAFE_KEYS + (
   "train",
   "seed",
   "data.synthetic",
+  # Activation dtype only: the checkpoint's tree and dtypes are the same.
+  "model.dtype",
   "model.backbone_checkpoint",
   "model.head_checkpoint",
   *(
@@ -208,7 +210,9 @@ def jit_train_step(
 ):
   """Jitted `make_train_step`: state replicated and donated, batch sharded."""
   return jax.jit(
-    make_train_step(setup, loop_key, released=released),
+    sharding.with_mesh(
+      make_train_step(setup, loop_key, released=released), mesh
+    ),
     in_shardings=(setup.shardings, sharding.data_sharding(mesh)),
     out_shardings=(setup.shardings, sharding.replicated(mesh)),
     donate_argnums=(0,),
@@ -224,7 +228,7 @@ def jit_eval_step(setup: Setup, mesh: jax.sharding.Mesh):
     return model.apply(state.variables(), batch, train=False)
 
   return jax.jit(
-    eval_step,
+    sharding.with_mesh(eval_step, mesh),
     in_shardings=(setup.shardings, sharding.data_sharding(mesh)),
     out_shardings=sharding.data_sharding(mesh),
   )
@@ -310,7 +314,7 @@ def make_predict_fn(
   keys = tuple(input_keys)
 
   def predict(batch: Batch) -> np.ndarray:
-    rows = sharding.local_rows(len(batch[keys[0]]))
+    rows = sharding.process_rows(len(batch[keys[0]]), mesh)
     inputs = {k: np.asarray(batch[k])[rows] for k in keys}
     return sharding.to_host(
       eval_step(state, sharding.global_batch(inputs, mesh))

@@ -128,6 +128,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.fusion_dim = 32
   c.model.num_outputs = 2
   c.model.follower_qv_from_keys = True  # the reference's follower quirk
+  # Activation dtype of backbone, TCNs and fusion: 'float32' | 'bfloat16'.
+  # Parameters, BatchNorm statistics, loss, metrics, optimiser state and
+  # checkpoints stay float32 either way.
+  c.model.dtype = "float32"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-5

@@ -17,7 +17,9 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
+from affjax import sharding
 from affjax.models import fusion as fusion_lib
 from affjax.models import iresnet, tcn
 
@@ -63,7 +65,10 @@ def _embed(backbone: nn.Module | None, x: Array, train: bool) -> Array:
   if backbone is None:
     raise ValueError("visual_input='frames' needs a backbone module.")
   b, t = x.shape[:2]
-  emb = backbone(x.reshape(b * t, *x.shape[2:]), train=train)
+  # The B*T crops are spread over every device, not only those the batch
+  # of windows is split over (a batch of 8 then runs on 16+ chips).
+  crops = sharding.shard_crops(x.reshape(b * t, *x.shape[2:]))
+  emb = backbone(crops, train=train)
   return emb.reshape(b, t, emb.shape[-1])
 
 
@@ -82,6 +87,9 @@ class AVLeaderFollower(nn.Module):
     fusion_dim: attention width.
     num_outputs: 1 (one emotion) or 2 (valence, arousal).
     follower_qv_from_keys: reproduce the reference's follower Q/V quirk.
+    dtype: activation dtype of the TCNs and the fusion (the backbone has its
+      own); parameters stay float32 and predictions are returned in float32,
+      so the loss and metrics are computed in float32.
   """
 
   backbone: nn.Module | None = None
@@ -94,6 +102,7 @@ class AVLeaderFollower(nn.Module):
   fusion_dim: int = 32
   num_outputs: int = 2
   follower_qv_from_keys: bool = True
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, batch: Batch, *, train: bool) -> Array:
@@ -125,7 +134,11 @@ class AVLeaderFollower(nn.Module):
     visual = _embed(self.backbone, x, train)
     streams = [
       tcn.TemporalConvNet(
-        self.visual_channels, self.kernel_size, self.dropout, name="visual_tcn"
+        self.visual_channels,
+        self.kernel_size,
+        self.dropout,
+        dtype=self.dtype,
+        name="visual_tcn",
       )(visual, train=train)
     ]
     for name, _ in self.audio_features:
@@ -134,6 +147,7 @@ class AVLeaderFollower(nn.Module):
           self.audio_channels,
           self.kernel_size,
           self.dropout,
+          dtype=self.dtype,
           name=f"{name}_tcn",
         )(batch[name], train=train)
       )
@@ -141,8 +155,9 @@ class AVLeaderFollower(nn.Module):
       num_outputs=self.num_outputs,
       fusion_dim=self.fusion_dim,
       follower_qv_from_keys=self.follower_qv_from_keys,
+      dtype=self.dtype,
       name="fusion",
-    )(streams)
+    )(streams).astype(jnp.float32)
 
 
 class VisualOnly(nn.Module):
@@ -157,6 +172,7 @@ class VisualOnly(nn.Module):
   kernel_size: int = 5
   dropout: float = 0.1
   num_outputs: int = 2
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, batch: Batch, *, train: bool) -> Array:
@@ -165,14 +181,37 @@ class VisualOnly(nn.Module):
       self.backbone, _visual_input(self.visual_input, batch), train
     )
     h = tcn.TemporalConvNet(
-      self.visual_channels, self.kernel_size, self.dropout, name="visual_tcn"
+      self.visual_channels,
+      self.kernel_size,
+      self.dropout,
+      dtype=self.dtype,
+      name="visual_tcn",
     )(visual, train=train)
-    return fusion_lib.torch_dense(self.num_outputs, h.shape[-1], "regressor")(h)
+    return fusion_lib.torch_dense(
+      self.num_outputs, h.shape[-1], "regressor", self.dtype
+    )(h).astype(jnp.float32)
 
 
-def build_backbone(backbone_config: Any) -> nn.Module:
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def activation_dtype(model_config: Any) -> Any:
+  """`config.model.dtype` ('float32' | 'bfloat16', default float32).
+
+  Raises:
+    ValueError: another value.
+  """
+  name = model_config.get("dtype", "float32")
+  if name not in DTYPES:
+    raise ValueError(
+      f"config.model.dtype must be one of {sorted(DTYPES)}, got {name!r}."
+    )
+  return DTYPES[name]
+
+
+def build_backbone(backbone_config: Any, dtype: Any = jnp.float32) -> nn.Module:
   """The frame backbone of `config.model.backbone` (`name`, `dropout`,
-  `conv_chunk`).
+  `conv_chunk`), computing in `dtype` (parameters stay float32).
 
   Raises:
     ValueError: unknown backbone name.
@@ -186,6 +225,7 @@ def build_backbone(backbone_config: Any) -> nn.Module:
   return iresnet.BACKBONES[name](
     dropout_rate=float(backbone_config.dropout),
     conv_chunk=int(backbone_config.get("conv_chunk", 0)),
+    dtype=dtype,
   )
 
 
@@ -195,7 +235,8 @@ def build_model(model_config: Any) -> nn.Module:
   Reads `name` ('av_leader_follower' | 'visual_only'), `input` ('frames' |
   'embeddings'), `backbone` (only for 'frames'), `visual_channels`,
   `audio_channels`, `audio_features`, `kernel_size`, `dropout`, `fusion_dim`,
-  `num_outputs` and optionally `follower_qv_from_keys` (default True).
+  `num_outputs` and optionally `follower_qv_from_keys` (default True) and
+  `dtype` (activation dtype, default 'float32').
 
   Raises:
     ValueError: unknown model name or input.
@@ -206,10 +247,14 @@ def build_model(model_config: Any) -> nn.Module:
       f"config.model.input must be one of {VISUAL_INPUTS}, "
       f"got {visual_input!r}."
     )
+  dtype = activation_dtype(model_config)
   backbone = (
-    build_backbone(model_config.backbone) if visual_input == "frames" else None
+    build_backbone(model_config.backbone, dtype)
+    if visual_input == "frames"
+    else None
   )
   common = {
+    "dtype": dtype,
     "backbone": backbone,
     "visual_input": visual_input,
     "visual_channels": tuple(model_config.visual_channels),
