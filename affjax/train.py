@@ -39,7 +39,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
 
-from affjax import checkpoints, losses, optim, sharding
+from affjax import checkpoints, losses, optim, profiling, sharding
 from affjax import train_state as ts
 from affjax.train_state import Setup, TrainState
 
@@ -57,6 +57,8 @@ RESUME_SAFE_KEYS = (
   "train.log_every_steps",
   "train.max_in_flight",
   "train.prefetch",
+  "train.profile_steps",
+  "train.compilation_cache_dir",
   "train.eval_batch_size",
   "train.max_epochs",
   "eval",
@@ -605,6 +607,8 @@ def train_and_evaluate(
     "epochs", "stop_reason", "step"}`.
   """
   ts.check_config(config)
+  profile = profiling.parse_profile_steps(config.train.profile_steps)
+  profiling.enable_compilation_cache(config.train.compilation_cache_dir)
   workdir = os.path.abspath(workdir)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(
@@ -651,6 +655,11 @@ def train_and_evaluate(
         every_secs=60,
       )
     )
+  profiler = None
+  if profile is not None:
+    profiler = profiling.ProfileSteps(*profile, logdir=workdir)
+    profiler(int(run.state.step))
+    hooks.append(profiler)
   per_process = config.train.batch_size // jax.process_count()
 
   # A crash still lets pending asynchronous checkpoint writes finish.
@@ -721,6 +730,8 @@ def train_and_evaluate(
         results["ccc_mean"],
       )
   finally:
+    if profiler is not None:
+      profiler.close()
     manager.wait_until_finished()
     writer.flush()
   multihost_utils.sync_global_devices("affjax:train_done")
@@ -812,6 +823,7 @@ def evaluate_checkpoint(
     and `"out_dir"`.
   """
   ts.check_config(config)
+  profiling.enable_compilation_cache(config.train.compilation_cache_dir)
   workdir = os.path.abspath(workdir)
   split = split or config.eval.split
   manager = checkpoints.create_manager(workdir, read_only=True)

@@ -160,6 +160,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every_steps = 50
   c.train.max_in_flight = 8  # steps dispatched but not finished
   c.train.prefetch = 2  # batches transferred ahead
+  # "a,b": jax.profiler trace of steps a+1..b into the workdir ('' = off).
+  c.train.profile_steps = ""
+  # JAX's persistent compilation cache directory ('' = off).
+  c.train.compilation_cache_dir = ""
 
   c.eval = ml_collections.ConfigDict()
   c.eval.split = "validation"
