@@ -79,3 +79,16 @@ def test_bf16_keeps_parameters_state_and_loss_in_float32():
 def test_unknown_dtype_is_an_error():
   with pytest.raises(ValueError, match="config.model.dtype"):
     build_model(_config("float16").model)
+
+
+def test_uint8_frames_are_normalised_on_device():
+  config = _config("float32", test_config)
+  model = build_model(config.model)
+  rng = np.random.default_rng(0)
+  batch = _batch(config, 2, 4)
+  pixels = rng.integers(0, 256, batch["frames"].shape, dtype=np.uint8)
+  floats = dict(batch, frames=(pixels / 255.0 - 0.5) / 0.5)
+  variables = model.init(jax.random.key(0), floats, train=False)
+  want = model.apply(variables, floats, train=False)
+  got = model.apply(variables, dict(batch, frames=pixels), train=False)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

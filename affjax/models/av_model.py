@@ -58,12 +58,18 @@ def _visual_input(visual_input: str, batch: Batch) -> Array:
 def _embed(backbone: nn.Module | None, x: Array, train: bool) -> Array:
   """Backbone per frame (batch and time merged): `[B,T,H,W,C] -> [B,T,512]`.
 
+  Frames are float in [-1, 1] or uint8 pixels (normalised here, on device).
+
   `x` is returned unchanged when it already holds embeddings `[B,T,512]`.
   """
   if x.ndim == 3:
     return x
   if backbone is None:
     raise ValueError("visual_input='frames' needs a backbone module.")
+  if x.dtype == jnp.uint8:
+    # Raw pixels cross to the device as bytes (4x fewer than float32) and
+    # are normalised here, as the data pipeline does: (x / 255 - 0.5) / 0.5.
+    x = (x.astype(jnp.float32) / 255.0 - 0.5) / 0.5
   b, t = x.shape[:2]
   # The B*T crops are spread over every device, not only those the batch
   # of windows is split over (a batch of 8 then runs on 16+ chips).
