@@ -66,11 +66,14 @@ def test_crops_axis_matches_one_device():
   assert "f32[8,40,40,3]" in hlo
   assert "f32[16,40,40,3]" not in hlo
   np.testing.assert_allclose(l1, l8, rtol=1e-5)
+  # Only reduction order differs; Adam divides by sqrt(v), so a weight with
+  # a near-zero gradient turns float32 round-off into a few % of one
+  # lr-sized (1e-3) step: measured 2.4e-5 at most after 3 steps.
   for a, b in zip(
     jax.tree.leaves(ts.weights(s1)), jax.tree.leaves(ts.weights(s8))
   ):
     np.testing.assert_allclose(
-      np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5
+      np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4
     )
   # Training moved the weights: the comparison is not vacuous.
   init = ts.init_state(ts.build_setup(config, one), train.root_keys(0)[0])
