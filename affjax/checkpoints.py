@@ -49,6 +49,8 @@ RESUME_SAFE_KEYS = (
   "train.log_every_steps",
   "train.max_in_flight",
   "train.prefetch",
+  "train.profile_steps",
+  "train.compilation_cache_dir",
   "train.eval_batch_size",
   "train.max_epochs",
   "eval",
@@ -67,6 +69,8 @@ EVAL_SAFE_KEYS = RESUME_SAFE_KEYS + (
   "train",
   "seed",
   "data.synthetic",
+  # Activation dtype only: the checkpoint's tree and dtypes are the same.
+  "model.dtype",
   "model.backbone_checkpoint",
   "model.head_checkpoint",
   *(

@@ -2,8 +2,12 @@
 
 One mesh per run, built from `config.mesh` (e.g. `[("data", -1)]`: all devices
 on a data-parallel axis). Parameters are replicated; batches are sharded on
-their leading axis over every mesh axis. Axes are `AxisType.Auto`: the default
-Explicit axes break Linen's `nn.Dropout` on batch-sharded inputs (STYLE.md).
+their leading axis over every mesh axis except `crops`. Inside the steps the
+backbone's face crops (batch and time merged) are split over all axes
+(`shard_crops`), so a `crops` axis lets a batch of 8 windows use 16 or more
+devices: `[("data", 8), ("crops", 2)]` on 16 chips gives each device 150 of
+the 2,400 crops of a step. Axes are `AxisType.Auto`: the default Explicit
+axes break Linen's `nn.Dropout` on batch-sharded inputs.
 
 Each process feeds its own rows (`global // process_count` of them) and
 `jax.make_array_from_process_local_data` assembles the global batch, so the
@@ -13,6 +17,7 @@ same code runs on 1 device, N devices and many hosts.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,6 +30,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 Batch = dict[str, Any]
+
+# The mesh axis that splits crops inside the backbone but not the batch.
+CROPS_AXIS = "crops"
 
 
 def make_mesh(
@@ -42,6 +50,11 @@ def make_mesh(
   """
   devices = list(jax.devices() if devices is None else devices)
   names = tuple(str(name) for name, _ in axes)
+  if names == (CROPS_AXIS,):
+    raise ValueError(
+      f"config.mesh={list(axes)}: the batch needs an axis besides "
+      f"{CROPS_AXIS!r} (e.g. [('data', -1), ('crops', 2)])"
+    )
   sizes = [int(size) for _, size in axes]
   if sizes.count(-1) > 1:
     raise ValueError(f"config.mesh={list(axes)}: at most one axis may be -1")
@@ -71,14 +84,44 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The mesh axes a batch of windows is split over (all but `crops`)."""
+  return tuple(a for a in mesh.axis_names if a != CROPS_AXIS)
+
+
 def data_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over all mesh axes, the rest replicated."""
-  return NamedSharding(mesh, P(mesh.axis_names))
+  """Leading (batch) axis split over `batch_axes`, the rest replicated."""
+  return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
 def num_batch_shards(mesh: Mesh) -> int:
   """How many pieces the batch axis is split into."""
-  return mesh.size
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
+def shard_crops(x: jax.Array) -> jax.Array:
+  """Splits the leading axis over every axis of the step's mesh.
+
+  For use inside a step traced under `with_mesh`: the backbone's
+  `[B * T, H, W, C]` crops are then spread over all devices, `crops` axis
+  included, whatever the batch size. Without a mesh, or when the rows do not
+  divide evenly, `x` is returned unchanged (XLA keeps the batch layout).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or x.shape[0] % mesh.size:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(mesh.axis_names))
+
+
+def with_mesh(fn, mesh: Mesh):
+  """`fn` traced with `mesh` as the abstract mesh (for `shard_crops`)."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return wrapped
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh, what: str) -> None:
@@ -114,6 +157,39 @@ def local_rows(global_rows: int) -> slice:
   per_process = global_rows // jax.process_count()
   start = jax.process_index() * per_process
   return slice(start, start + per_process)
+
+
+def process_rows(
+  global_rows: int, mesh: Mesh, process: int | None = None
+) -> np.ndarray:
+  """Global rows of a batch-sharded array that `process` feeds, in order.
+
+  `jax.make_array_from_process_local_data` places a process's local rows
+  into its devices' shards in increasing global order, and those shards
+  need not be one block: on TPU slices `jax.make_mesh` orders devices by
+  their place in the torus, so the hosts interleave (v5p:2x2x2: the 8 shards
+  belong to processes 0, 1, 0, 1, ...). Feeding `batch[process_rows(...)]`
+  puts every global row at its own index, so the gathered predictions line
+  up with the whole batch.
+
+  Args:
+    global_rows: the global batch size.
+    mesh: the run's mesh.
+    process: default `jax.process_index()`.
+
+  Returns:
+    int64 indices `[global_rows // process_count]`.
+  """
+  process = jax.process_index() if process is None else process
+  index_map = data_sharding(mesh).devices_indices_map((global_rows,))
+  blocks = {
+    (index[0].start or 0, index[0].stop or global_rows)
+    for device, index in index_map.items()
+    if device.process_index == process
+  }
+  return np.concatenate(
+    [np.arange(start, stop) for start, stop in sorted(blocks)]
+  ).astype(np.int64)
 
 
 def to_host(x: jax.Array) -> np.ndarray:

@@ -39,7 +39,15 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
 
-from affjax import checkpoints, io, losses, optim, required_weights, sharding
+from affjax import (
+  checkpoints,
+  io,
+  losses,
+  optim,
+  profiling,
+  required_weights,
+  sharding,
+)
 from affjax import train_state as ts
 from affjax.inference import windows
 from affjax.train_state import Setup, TrainState
@@ -167,7 +175,9 @@ def jit_train_step(
 ):
   """Jitted `make_train_step`: state replicated and donated, batch sharded."""
   return jax.jit(
-    make_train_step(setup, loop_key, released=released),
+    sharding.with_mesh(
+      make_train_step(setup, loop_key, released=released), mesh
+    ),
     in_shardings=(setup.shardings, sharding.data_sharding(mesh)),
     out_shardings=(setup.shardings, sharding.replicated(mesh)),
     donate_argnums=(0,),
@@ -555,6 +565,8 @@ def train_and_evaluate(
     "epochs", "stop_reason", "step"}`.
   """
   ts.check_config(config)
+  profile = profiling.parse_profile_steps(config.train.profile_steps)
+  profiling.enable_compilation_cache(config.train.compilation_cache_dir)
   workdir = io.absolute(workdir)
   required_weights.check(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
@@ -602,6 +614,11 @@ def train_and_evaluate(
         every_secs=60,
       )
     )
+  profiler = None
+  if profile is not None:
+    profiler = profiling.ProfileSteps(*profile, logdir=workdir)
+    profiler(int(run.state.step))
+    hooks.append(profiler)
   per_process = config.train.batch_size // jax.process_count()
 
   # A crash still lets pending asynchronous checkpoint writes finish.
@@ -671,6 +688,8 @@ def train_and_evaluate(
         score,
       )
   finally:
+    if profiler is not None:
+      profiler.close()
     manager.wait_until_finished()
     writer.flush()
   multihost_utils.sync_global_devices("affjax:train_done")

@@ -49,17 +49,35 @@ def model_input_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return (config.model.input,) + audio
 
 
+def batch_specs(
+  config: ml_collections.ConfigDict, batch_size: int, *, train: bool
+) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of a batch as the steps receive it (no sharding).
+
+  The model inputs (`model_input_keys`); a training batch adds `label`
+  `[B, T, E]` and `mask` `[B, T]` (see `affjax.data.pipeline`).
+  """
+  t, c = config.data.window_length, config.data.crop_size
+  shapes = {"frames": (t, c, c, 3), "embeddings": (t, 512)}
+  shapes.update({name: (t, dim) for name, dim in config.model.audio_features})
+  specs = {
+    k: jax.ShapeDtypeStruct((batch_size,) + shapes[k], np.float32)
+    for k in model_input_keys(config)
+  }
+  if train:
+    specs["label"] = jax.ShapeDtypeStruct(
+      (batch_size, t, len(config.data.emotions)), np.float32
+    )
+    specs["mask"] = jax.ShapeDtypeStruct((batch_size, t), np.bool_)
+  return specs
+
+
 def dummy_batch(
   config: ml_collections.ConfigDict, batch_size: int = 1
 ) -> Batch:
   """Zero model inputs of the configured shapes (for `init`)."""
-  t, c = config.data.window_length, config.data.crop_size
-  shapes = {"frames": (t, c, c, 3), "embeddings": (t, 512)}
-  shapes.update({name: (t, dim) for name, dim in config.model.audio_features})
-  return {
-    k: np.zeros((batch_size,) + shapes[k], np.float32)
-    for k in model_input_keys(config)
-  }
+  specs = batch_specs(config, batch_size, train=False)
+  return {k: np.zeros(s.shape, s.dtype) for k, s in specs.items()}
 
 
 @dataclasses.dataclass

@@ -161,6 +161,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.fusion_dim = 32
   c.model.num_outputs = 2
   c.model.follower_qv_from_keys = True  # the reference's follower quirk
+  # Activation dtype of backbone, TCNs and fusion: 'float32' | 'bfloat16'.
+  # Parameters, BatchNorm statistics, loss, metrics, optimiser state and
+  # checkpoints stay float32 either way.
+  c.model.dtype = "float32"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-5
@@ -195,6 +199,10 @@ def base_config() -> ml_collections.ConfigDict:
   # The validation score of the best epoch and the plateau: '' = the mean
   # CCC over data.emotions, or one emotion's CCC.
   c.train.select_by = ""
+  # "a,b": jax.profiler trace of steps a+1..b into the workdir ('' = off).
+  c.train.profile_steps = ""
+  # JAX's persistent compilation cache directory ('' = off).
+  c.train.compilation_cache_dir = ""
 
   c.eval = ml_collections.ConfigDict()
   c.eval.split = "validation"

@@ -49,6 +49,7 @@ def test_global_batch_and_prefetch_keep_values_and_order():
     np.testing.assert_array_equal(sharding.to_host(got["x"]), want["x"])
     np.testing.assert_array_equal(np.asarray(got["trial"]), want["trial"])
   assert sharding.local_rows(16) == slice(0, 16)
+  np.testing.assert_array_equal(sharding.process_rows(16, mesh), np.arange(16))
 
 
 def test_prefetch_is_lazy_and_bounded():

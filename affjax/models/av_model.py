@@ -17,7 +17,9 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
+from affjax import sharding
 from affjax.models import fusion as fusion_lib
 from affjax.models import iresnet, tcn
 
@@ -56,14 +58,23 @@ def _visual_input(visual_input: str, batch: Batch) -> Array:
 def _embed(backbone: nn.Module | None, x: Array, train: bool) -> Array:
   """Backbone per frame (batch and time merged): `[B,T,H,W,C] -> [B,T,512]`.
 
+  Frames are float in [-1, 1] or uint8 pixels (normalised here, on device).
+
   `x` is returned unchanged when it already holds embeddings `[B,T,512]`.
   """
   if x.ndim == 3:
     return x
   if backbone is None:
     raise ValueError("visual_input='frames' needs a backbone module.")
+  if x.dtype == jnp.uint8:
+    # Raw pixels cross to the device as bytes (4x fewer than float32) and
+    # are normalised here, as the data pipeline does: (x / 255 - 0.5) / 0.5.
+    x = (x.astype(jnp.float32) / 255.0 - 0.5) / 0.5
   b, t = x.shape[:2]
-  emb = backbone(x.reshape(b * t, *x.shape[2:]), train=train)
+  # The B*T crops are spread over every device, not only those the batch
+  # of windows is split over (a batch of 8 then runs on 16+ chips).
+  crops = sharding.shard_crops(x.reshape(b * t, *x.shape[2:]))
+  emb = backbone(crops, train=train)
   return emb.reshape(b, t, emb.shape[-1])
 
 
@@ -82,6 +93,9 @@ class AVLeaderFollower(nn.Module):
     fusion_dim: attention width.
     num_outputs: 1 (one emotion) or 2 (valence, arousal).
     follower_qv_from_keys: reproduce the reference's follower Q/V quirk.
+    dtype: activation dtype of the TCNs and the fusion (the backbone has its
+      own); parameters stay float32 and predictions are returned in float32,
+      so the loss and metrics are computed in float32.
   """
 
   backbone: nn.Module | None = None
@@ -94,6 +108,7 @@ class AVLeaderFollower(nn.Module):
   fusion_dim: int = 32
   num_outputs: int = 2
   follower_qv_from_keys: bool = True
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, batch: Batch, *, train: bool) -> Array:
@@ -125,7 +140,11 @@ class AVLeaderFollower(nn.Module):
     visual = _embed(self.backbone, x, train)
     streams = [
       tcn.TemporalConvNet(
-        self.visual_channels, self.kernel_size, self.dropout, name="visual_tcn"
+        self.visual_channels,
+        self.kernel_size,
+        self.dropout,
+        dtype=self.dtype,
+        name="visual_tcn",
       )(visual, train=train)
     ]
     for name, _ in self.audio_features:
@@ -134,6 +153,7 @@ class AVLeaderFollower(nn.Module):
           self.audio_channels,
           self.kernel_size,
           self.dropout,
+          dtype=self.dtype,
           name=f"{name}_tcn",
         )(batch[name], train=train)
       )
@@ -141,8 +161,9 @@ class AVLeaderFollower(nn.Module):
       num_outputs=self.num_outputs,
       fusion_dim=self.fusion_dim,
       follower_qv_from_keys=self.follower_qv_from_keys,
+      dtype=self.dtype,
       name="fusion",
-    )(streams)
+    )(streams).astype(jnp.float32)
 
 
 class VisualOnly(nn.Module):
@@ -157,6 +178,7 @@ class VisualOnly(nn.Module):
   kernel_size: int = 5
   dropout: float = 0.1
   num_outputs: int = 2
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, batch: Batch, *, train: bool) -> Array:
@@ -165,14 +187,37 @@ class VisualOnly(nn.Module):
       self.backbone, _visual_input(self.visual_input, batch), train
     )
     h = tcn.TemporalConvNet(
-      self.visual_channels, self.kernel_size, self.dropout, name="visual_tcn"
+      self.visual_channels,
+      self.kernel_size,
+      self.dropout,
+      dtype=self.dtype,
+      name="visual_tcn",
     )(visual, train=train)
-    return fusion_lib.torch_dense(self.num_outputs, h.shape[-1], "regressor")(h)
+    return fusion_lib.torch_dense(
+      self.num_outputs, h.shape[-1], "regressor", self.dtype
+    )(h).astype(jnp.float32)
 
 
-def build_backbone(backbone_config: Any) -> nn.Module:
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def activation_dtype(model_config: Any) -> Any:
+  """`config.model.dtype` ('float32' | 'bfloat16', default float32).
+
+  Raises:
+    ValueError: another value.
+  """
+  name = model_config.get("dtype", "float32")
+  if name not in DTYPES:
+    raise ValueError(
+      f"config.model.dtype must be one of {sorted(DTYPES)}, got {name!r}."
+    )
+  return DTYPES[name]
+
+
+def build_backbone(backbone_config: Any, dtype: Any = jnp.float32) -> nn.Module:
   """The frame backbone of `config.model.backbone` (`name`, `dropout`,
-  `conv_chunk`).
+  `conv_chunk`), computing in `dtype` (parameters stay float32).
 
   Raises:
     ValueError: unknown backbone name.
@@ -186,6 +231,7 @@ def build_backbone(backbone_config: Any) -> nn.Module:
   return iresnet.BACKBONES[name](
     dropout_rate=float(backbone_config.dropout),
     conv_chunk=int(backbone_config.get("conv_chunk", 0)),
+    dtype=dtype,
   )
 
 
@@ -195,7 +241,8 @@ def build_model(model_config: Any) -> nn.Module:
   Reads `name` ('av_leader_follower' | 'visual_only'), `input` ('frames' |
   'embeddings'), `backbone` (only for 'frames'), `visual_channels`,
   `audio_channels`, `audio_features`, `kernel_size`, `dropout`, `fusion_dim`,
-  `num_outputs` and optionally `follower_qv_from_keys` (default True).
+  `num_outputs` and optionally `follower_qv_from_keys` (default True) and
+  `dtype` (activation dtype, default 'float32').
 
   Raises:
     ValueError: unknown model name or input.
@@ -206,10 +253,14 @@ def build_model(model_config: Any) -> nn.Module:
       f"config.model.input must be one of {VISUAL_INPUTS}, "
       f"got {visual_input!r}."
     )
+  dtype = activation_dtype(model_config)
   backbone = (
-    build_backbone(model_config.backbone) if visual_input == "frames" else None
+    build_backbone(model_config.backbone, dtype)
+    if visual_input == "frames"
+    else None
   )
   common = {
+    "dtype": dtype,
     "backbone": backbone,
     "visual_input": visual_input,
     "visual_channels": tuple(model_config.visual_channels),

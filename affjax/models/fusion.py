@@ -15,6 +15,7 @@ gives the textbook variant (all three encoders on the stream features).
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -31,10 +32,13 @@ torch_linear_kernel_init = nn.initializers.variance_scaling(
 )
 
 
-def torch_dense(features: int, in_features: int, name: str) -> nn.Dense:
-  """A Dense layer initialised like PyTorch's nn.Linear."""
+def torch_dense(
+  features: int, in_features: int, name: str, dtype: Any = jnp.float32
+) -> nn.Dense:
+  """A Dense layer initialised like PyTorch's nn.Linear (float32 params)."""
   return nn.Dense(
     features,
+    dtype=dtype,
     kernel_init=torch_linear_kernel_init,
     bias_init=tcn.torch_default_bias_init(in_features),
     name=name,
@@ -52,6 +56,8 @@ class LeaderFollowerFusion(nn.Module):
       sorts dict keys.
     follower_qv_from_keys: reproduce the reference (see module docstring).
     layer_norm_epsilon: PyTorch nn.LayerNorm default.
+    dtype: computation dtype (parameters stay float32; the softmax and the
+      LayerNorm statistics are computed in float32).
   """
 
   num_outputs: int = 2
@@ -59,6 +65,7 @@ class LeaderFollowerFusion(nn.Module):
   stream_names: Sequence[str] | None = None
   follower_qv_from_keys: bool = True
   layer_norm_epsilon: float = 1e-5
+  dtype: Any = jnp.float32
 
   def _ordered(self, streams: Streams) -> list[Array]:
     if isinstance(streams, Mapping):
@@ -103,18 +110,23 @@ class LeaderFollowerFusion(nn.Module):
     keys, queries, values = [], [], []
     for i, f in enumerate(feats):
       width = f.shape[-1]
-      k = torch_dense(self.fusion_dim, width, f"key_{i}")(f)
+      k = torch_dense(self.fusion_dim, width, f"key_{i}", self.dtype)(f)
       src, src_width = f, width
       if i > 0 and self.follower_qv_from_keys:
         src, src_width = k, self.fusion_dim
       keys.append(k)
-      queries.append(torch_dense(self.fusion_dim, src_width, f"query_{i}")(src))
-      values.append(torch_dense(self.fusion_dim, src_width, f"value_{i}")(src))
+      queries.append(
+        torch_dense(self.fusion_dim, src_width, f"query_{i}", self.dtype)(src)
+      )
+      values.append(
+        torch_dense(self.fusion_dim, src_width, f"value_{i}", self.dtype)(src)
+      )
     k = jnp.stack(keys, axis=-2)  # [B, T, n_streams, d]
     q = jnp.stack(queries, axis=-2)
     v = jnp.stack(values, axis=-2)
     scores = jnp.einsum("btid,btjd->btij", k, q) / math.sqrt(self.fusion_dim)
-    attended = jnp.einsum("btij,btjd->btid", jax.nn.softmax(scores, axis=-1), v)
+    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+    attended = jnp.einsum("btij,btjd->btid", weights.astype(v.dtype), v)
     # One LayerNorm over the whole [n_streams, d] slab with a per-element
     # affine, as nn.LayerNorm([3, 32]) in the reference.
     normed = nn.LayerNorm(
@@ -122,8 +134,11 @@ class LeaderFollowerFusion(nn.Module):
       reduction_axes=(-2, -1),
       feature_axes=(-2, -1),
       use_fast_variance=False,
+      dtype=self.dtype,
       name="layer_norm",
     )(attended + v)
     fused = normed.reshape(*normed.shape[:-2], -1)
-    joint = jnp.concatenate([feats[0], fused], axis=-1)
-    return torch_dense(self.num_outputs, joint.shape[-1], "regressor")(joint)
+    joint = jnp.concatenate([feats[0].astype(fused.dtype), fused], axis=-1)
+    return torch_dense(
+      self.num_outputs, joint.shape[-1], "regressor", self.dtype
+    )(joint)

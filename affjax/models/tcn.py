@@ -14,6 +14,7 @@ first). Weight-normalised kernels are stored as `v` with layout
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -71,11 +72,13 @@ class WeightNormCausalConv(nn.Module):
     features: output channels.
     kernel_size: taps along time.
     dilation: spacing between taps, in frames.
+    dtype: computation dtype; parameters and the weight norm stay float32.
   """
 
   features: int
   kernel_size: int
   dilation: int = 1
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -94,7 +97,10 @@ class WeightNormCausalConv(nn.Module):
     )
     norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 1)))
     kernel = v * (g / norm)
-    return causal_conv(x, kernel.astype(x.dtype), self.dilation) + bias
+    x = x.astype(self.dtype)
+    return causal_conv(
+      x, kernel.astype(self.dtype), self.dilation
+    ) + bias.astype(self.dtype)
 
 
 class TemporalBlock(nn.Module):
@@ -105,12 +111,14 @@ class TemporalBlock(nn.Module):
     kernel_size: taps per conv.
     dilation: 2**level in the reference.
     dropout: channel-dropout rate after each conv.
+    dtype: computation dtype (parameters stay float32).
   """
 
   features: int
   kernel_size: int
   dilation: int
   dropout: float
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
@@ -121,7 +129,11 @@ class TemporalBlock(nn.Module):
     h = x
     for name in ("conv1", "conv2"):
       h = WeightNormCausalConv(
-        self.features, self.kernel_size, self.dilation, name=name
+        self.features,
+        self.kernel_size,
+        self.dilation,
+        dtype=self.dtype,
+        name=name,
       )(h)
       h = nn.leaky_relu(h, LEAKY_SLOPE)
       h = nn.Dropout(self.dropout, broadcast_dims=(1,))(
@@ -134,6 +146,7 @@ class TemporalBlock(nn.Module):
         (1,),
         kernel_init=xavier_uniform_gain_sqrt2,
         bias_init=torch_default_bias_init(in_features),
+        dtype=self.dtype,
         name="downsample",
       )(x)
     return nn.leaky_relu(h + x, LEAKY_SLOPE)
@@ -150,11 +163,14 @@ class TemporalConvNet(nn.Module):
     channels: output width of each level; the last one is the output width.
     kernel_size: taps per convolution.
     dropout: channel-dropout rate inside every block.
+    dtype: computation dtype of the activations ('float32' or 'bfloat16');
+      parameters stay float32.
   """
 
   channels: Sequence[int]
   kernel_size: int = 5
   dropout: float = 0.1
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
@@ -167,9 +183,15 @@ class TemporalConvNet(nn.Module):
     Returns:
       `[batch, time, channels[-1]]`.
     """
+    x = x.astype(self.dtype)
     for level, features in enumerate(self.channels):
       x = TemporalBlock(
-        features, self.kernel_size, 2**level, self.dropout, name=f"block{level}"
+        features,
+        self.kernel_size,
+        2**level,
+        self.dropout,
+        dtype=self.dtype,
+        name=f"block{level}",
       )(x, train=train)
     return x
 
