@@ -229,3 +229,37 @@ def test_aligned_crop_of_a_real_face_is_upright_and_on_the_template():
   assert abs(eyes[0, 1] - eyes[1, 1]) <= 3  # level: the roll is removed
   assert eyes[:, 1].max() < nose[1] < mouth[:, 1].min()
   np.testing.assert_allclose(eyes[:, 0], align.TEMPLATE_112[:2, 0], atol=4)
+
+
+# ------------------------------------------------------------- make_crops
+
+
+def test_make_crops_writes_the_missing_crop_folders(tmp_path):
+  from affjax.data import synthetic
+  from affjax.data.preprocess import video as video_lib
+  from affjax.face import make_crops
+
+  raw = str(tmp_path / "raw")
+  synthetic.generate(
+    raw,
+    num_trials=3,
+    seed=3,
+    min_seconds=6,
+    max_seconds=8,
+    two_subject_videos=0,
+  )
+  trial = "1-25-256x192"  # the face leaves the picture for 27 frames
+  crop_dir = os.path.join(raw, "cropped_aligned", trial)
+  shipped = video_lib.list_crops(crop_dir)
+  import shutil
+
+  shutil.rmtree(crop_dir)
+  assert make_crops.make_crops(raw) == {trial: 127}  # others exist: kept
+  written = video_lib.list_crops(crop_dir)
+  # Every frame the generator cropped has a crop again (its single random
+  # misses are bridged), and none of the 27 face-less frames.
+  assert set(shipped) <= set(written) and len(written) == 127
+  assert not [n for n in os.listdir(os.path.dirname(crop_dir)) if "tmp" in n]
+  with Image.open(written[min(written)]) as im:
+    assert im.size == (112, 112)
+  assert make_crops.make_crops(raw) == {}  # nothing left to do
