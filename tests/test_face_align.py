@@ -263,3 +263,31 @@ def test_make_crops_writes_the_missing_crop_folders(tmp_path):
   with Image.open(written[min(written)]) as im:
     assert im.size == (112, 112)
   assert make_crops.make_crops(raw) == {}  # nothing left to do
+
+
+def test_make_detector_falls_back_to_haar_without_yuface(monkeypatch):
+  from affjax.face import detector as detector_lib
+
+  def missing():
+    raise ImportError("no yuface here")
+
+  monkeypatch.setattr(detector_lib, "_import_yuface", missing)
+  assert isinstance(face.make_detector(), face.HaarFaceDetector)
+  with pytest.raises(ImportError, match="no yuface"):
+    face.make_detector("yunet")
+
+
+def test_drawn_face_settings_and_thread_variable_left_alone(monkeypatch):
+  from affjax.face import detector as detector_lib
+
+  drawn = face.make_detector(drawn_faces=True)
+  assert drawn.settings.min_score == 0.5 and drawn.settings.landmarks is False
+  assert face.make_detector().settings.min_score == 0.8
+  # OMP_NUM_THREADS is set only while yuface is imported; a user's value
+  # is kept.
+  monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+  detector_lib._import_yuface()
+  assert "OMP_NUM_THREADS" not in os.environ
+  monkeypatch.setenv("OMP_NUM_THREADS", "2")
+  detector_lib._import_yuface()
+  assert os.environ["OMP_NUM_THREADS"] == "2"
