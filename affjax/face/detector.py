@@ -1,7 +1,13 @@
-"""Frontal face detector: OpenCV's Haar cascade bundled in its wheel.
+"""Face detectors whose weights ship inside their wheels, and the factory.
 
-Why this detector (measured on this project's machine, see the predict
-issue's report): `opencv-python-headless` 4.x ships the Haar cascade XML
+`make_detector()` gives YuNet (`YuNetFaceDetector`, boxes and five
+landmarks), chosen on real footage (`benchmarks/face_detectors.py`, table in
+benchmarks/README.md: every real face found, 176x144 included, none in
+face-less footage, 5.8x the Haar cascade's frames/s), or OpenCV's Haar
+cascade (`HaarFaceDetector`) where `yuface` has no wheel.
+
+The Haar cascade, the earlier default, was chosen on the synthetic drawn
+faces only: `opencv-python-headless` 4.x ships the Haar cascade XML
 files in `cv2.data.haarcascades` (the 5.x wheels no longer do); `mtcnn`
 1.0.0 ships its weights too but found only 12% of the synthetic faces at
 ~0.3 s per frame; `mediapipe` 1.x ships no face model in its wheel. On
