@@ -254,7 +254,9 @@ def test_make_crops_writes_the_missing_crop_folders(tmp_path):
   import shutil
 
   shutil.rmtree(crop_dir)
-  assert make_crops.make_crops(raw) == {trial: 127}  # others exist: kept
+  # Drawn faces need a lower score than real ones (see YuNetSettings).
+  drawn = face.YuNetFaceDetector(face.YuNetSettings(min_score=0.2))
+  assert make_crops.make_crops(raw, detector=drawn) == {trial: 127}
   written = video_lib.list_crops(crop_dir)
   # Every frame the generator cropped has a crop again (its single random
   # misses are bridged), and none of the 27 face-less frames.
@@ -262,7 +264,7 @@ def test_make_crops_writes_the_missing_crop_folders(tmp_path):
   assert not [n for n in os.listdir(os.path.dirname(crop_dir)) if "tmp" in n]
   with Image.open(written[min(written)]) as im:
     assert im.size == (112, 112)
-  assert make_crops.make_crops(raw) == {}  # nothing left to do
+  assert make_crops.make_crops(raw, detector=drawn) == {}  # nothing to do
 
 
 def test_make_detector_falls_back_to_haar_without_yuface(monkeypatch):
@@ -281,7 +283,7 @@ def test_drawn_face_settings_and_thread_variable_left_alone(monkeypatch):
   from affjax.face import detector as detector_lib
 
   drawn = face.make_detector(drawn_faces=True)
-  assert drawn.settings.min_score == 0.5 and drawn.settings.landmarks is False
+  assert drawn.settings.min_score == 0.2 and drawn.settings.landmarks is False
   assert face.make_detector().settings.min_score == 0.8
   # OMP_NUM_THREADS is set only while yuface is imported; a user's value
   # is kept.
