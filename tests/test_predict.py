@@ -249,7 +249,11 @@ def test_plot_and_summary(env, full_run):
   assert summary["used_audio"] is True
   assert summary["models"] == [{"workdir": env["a"], "step": 1}]
   assert (summary["width"], summary["height"]) == (256, 192)
-  assert summary["detector"]["cascade"] == "haarcascade_frontalface_alt2.xml"
+  # A synthetic-data model: YuNet boxes, square crops, and the warning.
+  assert summary["detector"]["landmarks"] is False
+  assert (
+    summary["trained_on_synthetic"] is True and "not emotion" in summary["note"]
+  )
   assert prediction.paths["csv"] == os.path.join(out, TRIAL + ".csv")
 
 
@@ -278,11 +282,11 @@ def test_predictions_equal_an_independent_computation(env):
   # normalised and windowed by hand; 48 frames = 3 windows of 16.
   model = env["models"]["a"]
   frames = np.stack(list(predict.iter_frames(env["short"])))
-  detector = face.HaarFaceDetector()
+  detector = face.make_detector(drawn_faces=True)
   boxes, found = face.track_faces([detector.detect(f) for f in frames])
   faces = np.zeros((48, 48, 48, 3), np.uint8)
   for i in np.flatnonzero(found):
-    faces[i] = face.crop_face(frames[i], boxes[i])
+    faces[i] = face.crop_face(frames[i], boxes[i], scale=1.53, y_shift=-0.10)
   x = (faces[:, 4:44, 4:44].astype(np.float32) / 255 - 0.5) / 0.5
   wave = audio.load_audio(env["short"], 16000)
   from affjax.models import vggish
@@ -307,7 +311,9 @@ def test_folds_are_merged_by_ccc_centering(env):
   folds = [env["models"][k] for k in "abc"]
   merged = predict.predict_video(env["short"], folds)
   # Each fold's unclipped stitched predictions, from the same inputs.
-  faces = predict.extract_faces(env["short"])
+  faces = predict.extract_faces(
+    env["short"], detector=face.make_detector(drawn_faces=True)
+  )
   raw = predict.audio_features(
     env["short"], ["mfcc", "vggish"], 48, 25.0, folds[0].settings
   )
@@ -337,7 +343,9 @@ def test_video_without_audio(env):
     got = predict.predict_video(env["silent"], [model])
   assert not got.used_audio and got.n_frames == 48
   # Audio inputs at the training mean: same as zeros after normalisation.
-  faces = predict.extract_faces(env["silent"])
+  faces = predict.extract_faces(
+    env["silent"], detector=face.make_detector(drawn_faces=True)
+  )
   inputs = predict.model_inputs(model, faces.frames, None)
   assert not inputs["mfcc"].any() and inputs["vggish"].shape == (48, 128)
   expected = predict.predict_windows(model, inputs)

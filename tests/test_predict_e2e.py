@@ -2,7 +2,7 @@
 
 A synthetic dataset goes through the real preprocessing (cropped_aligned
 crops + audio features into the cache, as training reads it) and, video by
-video, through `affjax.predict` (Haar detection, tracking, cropping, audio
+video, through `affjax.predict` (YuNet detection, tracking, cropping, audio
 features from the video file). The two must agree: same audio features,
 nearly the same face frames, the same frames flagged face-less, and a model
 fed either gives nearly the same predictions.
@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from affjax import checkpoints, metrics, predict, sharding, train_state
+from affjax import checkpoints, face, metrics, predict, sharding, train_state
 from affjax.data.preprocess import cache
 from configs import test as test_config
 
@@ -65,7 +65,11 @@ def data(tmp_path_factory, video_raw, video_cache):
   config.lock()
   workdir = _random_checkpoint(str(root / "run"), config, stats)
   faces = {
-    t: predict.extract_faces(os.path.join(raw, "videos", t + ".mp4"))
+    # Synthetic-data models crop as the generator did (see predict_video).
+    t: predict.extract_faces(
+      os.path.join(raw, "videos", t + ".mp4"),
+      detector=face.make_detector(drawn_faces=True),
+    )
     for t in TRIALS
   }
   return {

@@ -1,4 +1,10 @@
-"""`cropped_aligned`-like square face crops, resized as the feature cache.
+"""`cropped_aligned`-like face crops, resized as the feature cache.
+
+With landmarks (`YuNetFaceDetector`) the crop is aligned like Aff-Wild2's:
+the five landmarks mapped onto the ArcFace 112x112 template by a similarity
+transform (`affjax.face.align`). Without them (the Haar cascade, or a
+bridged gap whose ends lack landmarks) it falls back to the square box crop
+below.
 
 The training frames are the dataset's 112x112 face crops resized to 48x48
 (bicubic, `affjax.data.preprocess.video.load_frames`); the model then sees
@@ -14,13 +20,15 @@ relates to the crop as side = 1.162 (sd 0.047) x width and centre offset
 -0.063 (sd 0.016) x width. For a real face the same geometry gives the
 usual aligned crop (forehead to chin, ears at the edges), close to the
 112x112 ArcFace-style crops of Aff-Wild2. There is no in-plane rotation
-alignment (the cascade gives no landmarks).
+alignment in this fallback (a box has no orientation).
 """
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
+
+from affjax.face import align
 
 CROP_SCALE = 1.16
 CROP_Y_SHIFT = -0.06
@@ -47,6 +55,7 @@ def square_box(
 def crop_face(
   frame: np.ndarray,
   box: np.ndarray,
+  landmarks: np.ndarray | None = None,
   *,
   scale: float = CROP_SCALE,
   y_shift: float = CROP_Y_SHIFT,
@@ -58,13 +67,22 @@ def crop_face(
   Args:
     frame: uint8 `[H, W, 3]` RGB video frame.
     box: `[4]` detector box (x0, y0, x1, y1) in frame pixels.
-    scale, y_shift: crop geometry (see `square_box`).
+    landmarks: optional `[5, 2]` (x, y) eye centres, nose tip and mouth
+      corners (`Detections.landmarks` order); if given and all finite, the
+      crop is aligned on them and `box`, `scale`, `y_shift` are unused.
+    scale, y_shift: box crop geometry (see `square_box`).
     aligned_size: intermediate crop side (the dataset's crop size).
     size: output side (the cache's frame size).
 
   Returns:
     uint8 `[size, size, 3]`.
   """
+  if landmarks is not None and np.isfinite(landmarks).all():
+    matrix = align.alignment_matrix(landmarks, aligned_size)
+    crop = Image.fromarray(align.warp_affine(frame, matrix, aligned_size))
+    if size != aligned_size:
+      crop = crop.resize((size, size), Image.BICUBIC)
+    return np.asarray(crop, np.uint8)
   square = np.round(square_box(box, scale, y_shift)).astype(int)
   if square[2] <= square[0] or square[3] <= square[1]:
     raise ValueError(f"empty face box {np.asarray(box).tolist()}")

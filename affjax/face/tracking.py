@@ -15,6 +15,10 @@ Steps (`track_faces`):
    (centred, within each run), removing the detector's few-pixel jitter,
    which the training crops (from an offline aligner) do not have.
 
+`track` also carries the selected detection's five landmarks through the
+same steps (interpolated over bridged gaps, smoothed over the same window),
+for the aligned crop; `track_faces` returns the boxes only.
+
 Boxes are float `[T, 4]` (x0, y0, x1, y1); frames without a face have
 `found = False` and a zero box.
 """
@@ -65,13 +69,11 @@ def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
-def select_boxes(
+def select_detections(
   detections: Sequence[Detections], iou_threshold: float
-) -> tuple[np.ndarray, np.ndarray]:
-  """Step 1: one box per frame. Returns boxes `[T, 4]`, found `[T]`."""
-  n = len(detections)
-  boxes = np.zeros((n, 4), np.float64)
-  found = np.zeros(n, bool)
+) -> np.ndarray:
+  """Step 1: index of the selected detection per frame, int `[T]` (-1 none)."""
+  picks = np.full(len(detections), -1, np.int64)
   last = None
   for t, det in enumerate(detections):
     if not len(det):
@@ -81,9 +83,39 @@ def select_boxes(
       overlaps = iou(np.asarray(det.boxes), last[None])
       if overlaps.max() >= iou_threshold:
         pick = int(np.argmax(overlaps))
-    boxes[t], found[t] = det.boxes[pick], True
-    last = boxes[t]
-  return boxes, found
+    picks[t] = pick
+    last = np.asarray(det.boxes[pick], np.float64)
+  return picks
+
+
+def select_boxes(
+  detections: Sequence[Detections], iou_threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+  """Step 1: one box per frame. Returns boxes `[T, 4]`, found `[T]`."""
+  return _selected_boxes(
+    detections, select_detections(detections, iou_threshold)
+  )
+
+
+def _selected_boxes(
+  detections: Sequence[Detections], picks: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+  boxes = np.zeros((len(detections), 4), np.float64)
+  for t in np.flatnonzero(picks >= 0):
+    boxes[t] = detections[t].boxes[picks[t]]
+  return boxes, picks >= 0
+
+
+def select_landmarks(
+  detections: Sequence[Detections], picks: np.ndarray
+) -> np.ndarray:
+  """The selected detections' landmarks, float `[T, 5, 2]`, NaN where none."""
+  out = np.full((len(detections), 5, 2), np.nan)
+  for t in np.flatnonzero(picks >= 0):
+    marks = detections[t].landmarks
+    if marks is not None and len(marks) > picks[t]:
+      out[t] = marks[picks[t]]
+  return out
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -152,6 +184,88 @@ def smooth_boxes(
   return out
 
 
+def bridge_landmarks(
+  landmarks: np.ndarray, found: np.ndarray, bridged: np.ndarray
+) -> np.ndarray:
+  """Step 2 for landmarks: linear interpolation over the bridged frames.
+
+  Args:
+    landmarks: float `[T, 5, 2]`, NaN where the frame has none.
+    found: bool `[T]`, frames with a detection before bridging.
+    bridged: bool `[T]`, frames with a box after bridging.
+
+  Returns:
+    `[T, 5, 2]`; a bridged frame stays NaN if either end of its gap is.
+  """
+  out = landmarks.copy()
+  for start, end in _runs(bridged & ~found):
+    a, b = landmarks[start - 1], landmarks[end]
+    w = (np.arange(start, end) - (start - 1)) / (end - start + 1)
+    out[start:end] = (1 - w)[:, None, None] * a + w[:, None, None] * b
+  return out
+
+
+def smooth_landmarks(
+  landmarks: np.ndarray, found: np.ndarray, window: int
+) -> np.ndarray:
+  """Step 4 for landmarks: centred moving average within each run.
+
+  As `smooth_boxes` (the window shrinks symmetrically at a run's ends);
+  frames without landmarks inside the window are left out of the mean.
+  """
+  out = landmarks.copy()
+  if window <= 1:
+    return out
+  half = window // 2
+  have = np.isfinite(landmarks).all(axis=(1, 2))
+  for start, end in _runs(found):
+    for t in range(start, end):
+      if not have[t]:
+        continue
+      k = min(half, t - start, end - 1 - t)
+      near = slice(t - k, t + k + 1)
+      out[t] = landmarks[near][have[near]].mean(0)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Track:
+  """One face per frame.
+
+  Attributes:
+    boxes: float32 `[T, 4]` (x0, y0, x1, y1), zeros where no face.
+    found: bool `[T]`.
+    landmarks: float32 `[T, 5, 2]` (x, y) in `Detections.landmarks`' order,
+      NaN where no face or the detector gives none.
+  """
+
+  boxes: np.ndarray
+  found: np.ndarray
+  landmarks: np.ndarray
+
+
+def track(
+  detections: Sequence[Detections], settings: TrackSettings | None = None
+) -> Track:
+  """Per-frame detections -> one smoothed face box and landmarks per frame.
+
+  Steps 1-4 of the module docstring; landmarks follow the selected box, are
+  interpolated over bridged gaps and smoothed like the boxes.
+  """
+  s = settings or TrackSettings()
+  picks = select_detections(detections, s.iou_threshold)
+  boxes, found = _selected_boxes(detections, picks)
+  landmarks = select_landmarks(detections, picks)
+  boxes, bridged = bridge_gaps(boxes, found, s.max_gap)
+  landmarks = bridge_landmarks(landmarks, found, bridged)
+  boxes, kept = drop_short_runs(boxes, bridged, s.min_run)
+  boxes = smooth_boxes(boxes, kept, s.smooth)
+  landmarks = smooth_landmarks(landmarks, kept, s.smooth)
+  boxes[~kept] = 0
+  landmarks[~kept] = np.nan
+  return Track(boxes.astype(np.float32), kept, landmarks.astype(np.float32))
+
+
 def track_faces(
   detections: Sequence[Detections], settings: TrackSettings | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -165,10 +279,5 @@ def track_faces(
     boxes float32 `[T, 4]` (x0, y0, x1, y1; zeros where no face) and found
     bool `[T]`.
   """
-  s = settings or TrackSettings()
-  boxes, found = select_boxes(detections, s.iou_threshold)
-  boxes, found = bridge_gaps(boxes, found, s.max_gap)
-  boxes, found = drop_short_runs(boxes, found, s.min_run)
-  boxes = smooth_boxes(boxes, found, s.smooth)
-  boxes[~found] = 0
-  return boxes.astype(np.float32), found
+  result = track(detections, settings)
+  return result.boxes, result.found
