@@ -12,7 +12,7 @@ the number of finished epochs. Each checkpoint holds
 
 Retention uses a preservation policy (latest 1 + best 1 by mean validation
 CCC): `max_to_keep` with `best_fn` alone can delete the newest checkpoint and
-break resuming (STYLE.md item 11).
+break resuming.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers
 
 PyTree = Any
@@ -193,16 +194,9 @@ def restore_params(manager: ocp.CheckpointManager, step: int) -> PyTree:
   return jax.tree.map(np.asarray, out["state"]["params"])
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """`{'a': {'b': 1}}` -> `{'a.b': 1}`."""
-  flat = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, Mapping) and value:
-      flat.update(flatten(value, name + "."))
-    else:
-      flat[name] = value
-  return flat
+def _dotted(config_json: Mapping[str, Any]) -> dict[str, Any]:
+  """`{'a': {'b': 1}}` -> `{'a.b': 1}`; empty groups hold no key."""
+  return traverse_util.flatten_dict(dict(config_json), sep=".")
 
 
 def config_differences(
@@ -216,7 +210,7 @@ def config_differences(
   are skipped: they change where or how often things happen, not what is
   computed.
   """
-  a, b = flatten(saved), flatten(config_to_json(current))
+  a, b = _dotted(saved), _dotted(config_to_json(current))
 
   def ignored(key):
     return any(key == p or key.startswith(p + ".") for p in ignore)
@@ -244,7 +238,7 @@ def check_config(
   """
   diffs = config_differences(saved, current, ignore)
   if diffs:
-    a, b = flatten(saved), flatten(config_to_json(current))
+    a, b = _dotted(saved), _dotted(config_to_json(current))
     lines = "; ".join(
       f"{k}: saved {a.get(k, '<missing>')!r}, current {b.get(k, '<missing>')!r}"
       for k in diffs

@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 from absl import logging
+from flax import traverse_util
 
 from affjax import checkpoints
 from affjax import face as face_lib
@@ -285,8 +286,8 @@ def _check_same_model(
     if any(k == p or k.startswith(p + ".") for p in _MODEL_KEYS)
   ]
   if diffs:
-    a = checkpoints.flatten(saved)
-    b = checkpoints.flatten(checkpoints.config_to_json(config))
+    a = traverse_util.flatten_dict(saved, sep=".")
+    b = traverse_util.flatten_dict(checkpoints.config_to_json(config), sep=".")
     lines = "; ".join(
       f"{k}: checkpoint {a.get(k, '<missing>')!r}, given "
       f"{b.get(k, '<missing>')!r}"

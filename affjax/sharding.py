@@ -3,7 +3,7 @@
 One mesh per run, built from `config.mesh` (e.g. `[("data", -1)]`: all devices
 on a data-parallel axis). Parameters are replicated; batches are sharded on
 their leading axis over every mesh axis. Axes are `AxisType.Auto`: the default
-Explicit axes break Linen's `nn.Dropout` on batch-sharded inputs (STYLE.md).
+Explicit axes break Linen's `nn.Dropout` on batch-sharded inputs.
 
 Each process feeds its own rows (`global // process_count` of them) and
 `jax.make_array_from_process_local_data` assembles the global batch, so the
