@@ -80,6 +80,8 @@ def create_manager(
     best_fn=_best_metric,
     best_mode="max",
     preservation_policy=policy,
+    # orbax warns that it sets this to 0 itself for a read-only manager.
+    save_interval_steps=0 if read_only else 1,
     read_only=read_only,
     create=not read_only,
   )

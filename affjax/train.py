@@ -693,6 +693,8 @@ def train_and_evaluate(
         run.state = ts.reset_optimizer(
           ts.with_weights(run.state, run.best), setup
         )
+      # Epoch 0's milestone reloads the initial weights: nothing to report.
+      if start.release and (epoch or run.plateau.released):
         logging.info(
           "Epoch %d: best weights reloaded, %d group(s) released.",
           epoch,
