@@ -5,8 +5,3 @@ fusion system (Zhang et al., 2021).
 """
 
 __version__ = "0.1.0"
-
-from affjax import opensmile_preload as _opensmile_preload
-
-# Must run before anything imports TensorFlow; see opensmile_preload.
-_opensmile_preload.preload()

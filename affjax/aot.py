@@ -366,7 +366,7 @@ def compile_config(
   from affjax import sharding, train  # pylint: disable=g-import-not-at-top
   from affjax import train_state as ts  # pylint: disable=g-import-not-at-top
 
-  ts.check_config(config)
+  ts.check_model_config(config)
   devices = topology_devices(topology)
   chip = chip_of(devices[0])
   mesh = sharding.make_mesh(config.mesh, devices=devices)

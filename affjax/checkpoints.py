@@ -12,7 +12,7 @@ the number of finished epochs. Each checkpoint holds
 
 Retention uses a preservation policy (latest 1 + best 1 by mean validation
 CCC): `max_to_keep` with `best_fn` alone can delete the newest checkpoint and
-break resuming (STYLE.md item 11).
+break resuming.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers
 
 from affjax import io
@@ -146,6 +147,8 @@ def create_manager(
     best_fn=_best_metric,
     best_mode="max",
     preservation_policy=policy,
+    # orbax warns that it sets this to 0 itself for a read-only manager.
+    save_interval_steps=0 if read_only else 1,
     read_only=read_only,
     create=not read_only,
   )
@@ -271,16 +274,9 @@ def restore_params(manager: ocp.CheckpointManager, step: int) -> PyTree:
   return jax.tree.map(np.asarray, out["state"]["params"])
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """`{'a': {'b': 1}}` -> `{'a.b': 1}`."""
-  flat = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, Mapping) and value:
-      flat.update(flatten(value, name + "."))
-    else:
-      flat[name] = value
-  return flat
+def _dotted(config_json: Mapping[str, Any]) -> dict[str, Any]:
+  """`{'a': {'b': 1}}` -> `{'a.b': 1}`; empty groups hold no key."""
+  return traverse_util.flatten_dict(dict(config_json), sep=".")
 
 
 def config_differences(
@@ -295,7 +291,7 @@ def config_differences(
   are skipped: they change where or how often things happen, not what is
   computed. With `only`, just the keys equal to or under its entries count.
   """
-  a, b = flatten(saved), flatten(config_to_json(current))
+  a, b = _dotted(saved), _dotted(config_to_json(current))
 
   def under(key, prefixes):
     return any(key == p or key.startswith(p + ".") for p in prefixes)
@@ -330,7 +326,7 @@ def check_config(
   """
   diffs = config_differences(saved, current, ignore, only)
   if diffs:
-    a, b = flatten(saved), flatten(config_to_json(current))
+    a, b = _dotted(saved), _dotted(config_to_json(current))
     lines = "; ".join(
       f"{k}: checkpoint {a.get(k, '<missing>')!r}, given "
       f"{b.get(k, '<missing>')!r}"

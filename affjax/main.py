@@ -10,7 +10,20 @@ r"""Command line entry point: train, evaluate, merge folds or predict.
 `--config.key=value` overrides any config field; a key the config does not
 have is an error. Multi-process runs add `--distributed` (Cloud TPU pod
 slices, SLURM) or the explicit coordinator flags.
+
+The log shows affjax's lines (one per data stage, one per epoch) and every
+warning; `--verbosity=0` (or `--stderrthreshold`) adds the libraries' INFO
+lines (orbax, TFDS, clu, JAX), `--verbosity=1` affjax's DEBUG lines too (see
+`affjax.logs`). SIGINT (Ctrl-C) or SIGTERM ends a run with one line saying
+what was saved; the same command then resumes.
 """
+
+import os
+import sys
+
+# TensorFlow's C++ INFO and WARNING lines (CPU feature notes) unless the
+# user asks for them; must be set before TensorFlow loads.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging
 
@@ -98,9 +111,27 @@ def _predict() -> None:
   )
 
 
+def _libraries_asked_for() -> bool:
+  """True when the command line sets absl's logging levels itself."""
+  return FLAGS["verbosity"].present or FLAGS["stderrthreshold"].present
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from affjax import interrupts, logs  # pylint: disable=g-import-not-at-top
+
+  if not _libraries_asked_for():
+    logs.quiet_libraries()
+  with interrupts.stop_on_signals():
+    try:
+      _run_mode()
+    except interrupts.Interrupted as stop:
+      logging.warning(stop.report or f"{stop.name}: stopped.")
+      sys.exit(stop.exit_code)
+
+
+def _run_mode() -> None:
   # TensorFlow only feeds data: keep it off the accelerators JAX uses.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 

@@ -12,10 +12,12 @@ without improvement, or at the epoch limit.
 Here that becomes two pieces:
 
 * `make_optimizer`: one `optax.inject_hyperparams` Adam per parameter group
-  (`head`, `release_0`, `release_1`, ..., `frozen`) inside `optax.partition`.
-  Frozen groups run with learning rate 0, so their parameters stay bit-identical;
-  releasing a group only writes its learning rate into the optimiser state
-  (`set_learning_rates`), which keeps every array shape and dtype. The train
+  (`head`, `release_0`, `release_1`, ...) inside `optax.partition`, and
+  `optax.set_to_zero()` for the `frozen` group that is never released.
+  Groups not yet released run with learning rate 0, so their parameters stay
+  bit-identical; releasing a group only writes its learning rate into the
+  optimiser state (`set_learning_rates`), which keeps every array shape and
+  dtype. The train
   step additionally takes the release stage as static (`frozen_labels`): it
   computes no gradient and no update for the frozen groups, and is compiled
   once per stage.
@@ -23,7 +25,7 @@ Here that becomes two pieces:
   machine over epochs that mirrors the reference's scheduler, release and early
   stopping rules and is stored as JSON in every checkpoint.
 
-Groups are config data (STYLE.md item 3): `config.optim.frozen` is a regex over
+Groups are config data, not code: `config.optim.frozen` is a regex over
 '/'-joined parameter paths selecting what starts frozen, and release groups are
 lists of regexes (see `release_groups`).
 """
@@ -179,8 +181,10 @@ def make_optimizer(
   """Adam + L2 weight decay, one `inject_hyperparams` copy per group.
 
   Every group starts with learning rate 0; `set_learning_rates` (driven by
-  `PlateauState.learning_rates`) opens the trainable ones. Labels without
-  parameters are harmless: their inner states are empty.
+  `PlateauState.learning_rates`) opens the trainable ones. The `frozen`
+  group (never released) is `optax.set_to_zero()`: it keeps no Adam
+  moments, which for a frozen IR-50 would be two copies of ~37M numbers.
+  Labels without parameters are harmless: their states are empty.
   """
 
   def group_tx():
@@ -193,7 +197,39 @@ def make_optimizer(
     )
 
   transforms = {name: group_tx() for name in group_names(num_groups)}
+  transforms[FROZEN] = optax.set_to_zero()
   return optax.partition(transforms, labels)
+
+
+def state_group(path: tuple[Any, ...]) -> str | None:
+  """The parameter group of an optimiser-state leaf, from its key path.
+
+  `optax.partition` keeps one state per group in a dict keyed by the group
+  name: the first dict key on a leaf's path (`jax.tree_util` key paths,
+  public API) is its group. None for leaves outside any group.
+  """
+  for key in path:
+    if isinstance(key, jax.tree_util.DictKey):
+      return str(key.key)
+  return None
+
+
+def keep_groups(new: PyTree, old: PyTree, groups: frozenset[str]) -> PyTree:
+  """Optimiser state `new` with the leaves of `groups` taken from `old`."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, n, o: o if state_group(path) in groups else n, new, old
+  )
+
+
+def learning_rates_of(opt_state: PyTree) -> dict[str, float]:
+  """Current learning rate per group (host floats), for logging and tests.
+
+  Read with `optax.tree_utils.tree_get_all_with_path`; the `frozen` group
+  (`set_to_zero`) has no learning rate and reports 0.
+  """
+  found = optax.tree_utils.tree_get_all_with_path(opt_state, "learning_rate")
+  rates = {state_group(path): float(value) for path, value in found}
+  return {**rates, FROZEN: 0.0}
 
 
 def set_learning_rates(
@@ -201,37 +237,40 @@ def set_learning_rates(
 ) -> PyTree:
   """Returns `opt_state` with each group's learning rate replaced.
 
-  The new scalar keeps the old one's dtype and sharding, so the jitted step
-  sees identical input types and does not retrace (deps_notes.md section f).
+  Uses `optax.tree_utils.tree_set`, filtered to the group's state. The new
+  scalar keeps the old one's dtype and sharding, so the jitted step sees
+  identical input types and does not retrace (a float64 or uncommitted
+  scalar would be a new input type).
 
   Raises:
-    ValueError: if a group name is not in the optimiser state.
+    ValueError: if a group name is not in the optimiser state, or the
+      `frozen` group is given a learning rate other than 0.
   """
-  inner = dict(opt_state.inner_states)
+  found = optax.tree_utils.tree_get_all_with_path(opt_state, "learning_rate")
+  current = {state_group(path): value for path, value in found}
   for name, lr in learning_rates.items():
-    if name not in inner:
+    if name == FROZEN and name not in current:
+      if lr != 0.0:
+        raise ValueError(
+          f"the {FROZEN!r} group is never trained (optax.set_to_zero); "
+          f"got learning rate {lr}"
+        )
+      continue
+    if name not in current:
       raise ValueError(
-        f"unknown parameter group {name!r}; the optimiser has {sorted(inner)}"
+        f"unknown parameter group {name!r}; the optimiser has "
+        f"{sorted([*current, FROZEN])}"
       )
-    masked = inner[name]
-    hyper = dict(masked.inner_state.hyperparams)
-    old = hyper["learning_rate"]
+    old = current[name]
     new = jnp.asarray(lr, dtype=old.dtype)
     if isinstance(old, jax.Array):
       new = jax.device_put(new, old.sharding)
-    hyper["learning_rate"] = new
-    inner[name] = masked._replace(
-      inner_state=masked.inner_state._replace(hyperparams=hyper)
+    opt_state = optax.tree_utils.tree_set(
+      opt_state,
+      lambda path, _, name=name: state_group(path) == name,
+      learning_rate=new,
     )
-  return opt_state._replace(inner_states=inner)
-
-
-def learning_rates_of(opt_state: PyTree) -> dict[str, float]:
-  """Current learning rate per group (host floats), for logging and tests."""
-  return {
-    name: float(masked.inner_state.hyperparams["learning_rate"])
-    for name, masked in opt_state.inner_states.items()
-  }
+  return opt_state
 
 
 # ----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Training and checkpoint evaluation: `train_and_evaluate(config, workdir)`.
 
-Order of a run (STYLE.md item 9): mesh -> data -> model and optimiser -> state
+Order of a run: mesh -> data -> model and optimiser -> state
 (restore the latest checkpoint or initialise, sharded from the start) ->
 jitted steps -> epochs. Each epoch follows the reference trainer
 (sucv/ABAW2 `base/trainer.py`):
@@ -37,11 +37,14 @@ import optax
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from clu import metrics as clu_metrics
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from affjax import (
   checkpoints,
+  interrupts,
   io,
+  logs,
   losses,
   optim,
   profiling,
@@ -149,14 +152,9 @@ def make_train_step(
       state.params
     )
     deltas, opt_state = tx.update(grads, state.opt_state, state.params)
-    # Frozen groups keep their state: XLA then drops their (unused) Adam
-    # update, which for the frozen IR-50 is a pass over ~37M parameters.
-    opt_state = opt_state._replace(
-      inner_states={
-        name: state.opt_state.inner_states[name] if name in frozen else inner
-        for name, inner in opt_state.inner_states.items()
-      }
-    )
+    # Groups not yet released keep their state: XLA then drops their
+    # (unused) Adam update, a pass over every parameter of those groups.
+    opt_state = optim.keep_groups(opt_state, state.opt_state, frozen)
     new_state = state.replace(
       step=state.step + 1,
       params=keep_frozen(
@@ -345,7 +343,8 @@ def train_epoch(
 
   At most `max_in_flight` steps are dispatched but unfinished: with
   cross-device collectives, unbounded async dispatch deadlocks XLA's CPU
-  runtime (deps_notes.md section b). Metrics stay on device until log time.
+  runtime (its collectives wait on threads that the queued steps hold).
+  Metrics stay on device until log time.
 
   Returns:
     The new state and the epoch's mean training metrics.
@@ -489,12 +488,33 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: str):
 
 
 def _write_hparams(writer, config: ml_collections.ConfigDict) -> None:
-  flat = checkpoints.flatten(checkpoints.config_to_json(config))
+  flat = traverse_util.flatten_dict(checkpoints.config_to_json(config), sep=".")
   writer.write_hparams(
     {
       k: v if isinstance(v, (bool, int, float, str)) else str(v)
       for k, v in flat.items()
     }
+  )
+
+
+PARAMETER_TABLE = "parameters.txt"
+
+
+def _write_parameter_table(params: PyTree, workdir: str) -> None:
+  """Writes the table of parameters (name, shape, size, mean, std) to a file.
+
+  The table has one row per parameter array (60 for the demo model, hundreds
+  for IR-50): in the log it would bury the epoch lines, so the log gets one
+  line with the total and where the table is. Process 0 writes it.
+  """
+  if jax.process_index() != 0:
+    return
+  path = io.join(workdir, PARAMETER_TABLE)
+  io.write_text(path, parameter_overview.get_parameter_overview(params) + "\n")
+  logging.info(
+    "Model: %s parameters (table in %s).",
+    f"{parameter_overview.count_parameters(params):,}",
+    path,
   )
 
 
@@ -520,9 +540,7 @@ def _restore_or_init(
       )
     if config.model.head_checkpoint:
       state = ts.load_head_checkpoint(state, config.model.head_checkpoint)
-    parameter_overview.log_parameter_overview(
-      state.params, jax_logging_process=0
-    )
+    _write_parameter_table(state.params, workdir)
     return _Run(
       state=state,
       best=ts.copy_tree(ts.weights(state)),
@@ -564,7 +582,7 @@ def train_and_evaluate(
     `{"best_epoch", "best_ccc", "validation" (best epoch's overall metrics),
     "epochs", "stop_reason", "step"}`.
   """
-  ts.check_config(config)
+  ts.check_model_config(config)
   profile = profiling.parse_profile_steps(config.train.profile_steps)
   profiling.enable_compilation_cache(config.train.compilation_cache_dir)
   workdir = io.absolute(workdir)
@@ -594,6 +612,16 @@ def train_and_evaluate(
   for split in (train_split, val_split):
     pipeline.require_trials(split, paths, config.data.fold)
   settings = cache_settings(paths.cache_dir)
+  steps_per_epoch = train_split.num_windows // config.train.batch_size
+  logging.info(
+    "Data: %d training trials (%d windows, %d steps of %d per epoch), %d "
+    "validation trials.",
+    len(train_split.trial_names),
+    train_split.num_windows,
+    steps_per_epoch,
+    config.train.batch_size,
+    len(val_split.trial_names),
+  )
 
   program = build_program(config, mesh)
   setup = program.setup
@@ -604,7 +632,6 @@ def train_and_evaluate(
     _write_hparams(writer, config)
 
   eval_step = program.eval_step
-  steps_per_epoch = train_split.num_windows // config.train.batch_size
   hooks = []
   if jax.process_index() == 0:
     hooks.append(
@@ -620,6 +647,8 @@ def train_and_evaluate(
     profiler(int(run.state.step))
     hooks.append(profiler)
   per_process = config.train.batch_size // jax.process_count()
+  timer = logs.EpochTimer()
+  saved = {"epochs": manager.latest_step(), "step": int(run.state.step)}
 
   # A crash still lets pending asynchronous checkpoint writes finish.
   try:
@@ -632,11 +661,14 @@ def train_and_evaluate(
           run.plateau.stop_reason,
         )
         break
+      timer.start()
       epoch = run.plateau.epoch
       if start.release:
         run.state = ts.reset_optimizer(
           ts.with_weights(run.state, run.best), setup
         )
+      # Epoch 0's milestone reloads the initial weights: nothing to report.
+      if start.release and (epoch or run.plateau.released):
         logging.info(
           "Epoch %d: best weights reloaded, %d group(s) released.",
           epoch,
@@ -669,6 +701,7 @@ def train_and_evaluate(
           eval_step, run.state, mesh, config, paths, val_split
         )
       check_finite_score(results, epoch)
+      during = run.plateau  # this epoch's lr and release stage
       score = ts.selection_score(config, results)
       run.plateau, improved = optim.end_epoch(setup.plateau, run.plateau, score)
       if improved:
@@ -676,17 +709,38 @@ def train_and_evaluate(
         run.best_results = _overall(results)
       if config.train.load_best_at_each_epoch:
         run.state = ts.with_weights(run.state, run.best)
-      _log_epoch(
-        writer, step, epoch, train_metrics, results, run.plateau, improved
-      )
-      checkpoints.save(
-        manager,
-        run.plateau.epoch,
-        run.state,
-        config,
-        run_metadata(config, train_split, run.plateau, step, results, settings),
-        score,
-      )
+      # A signal during the save's blocking part is raised once it returns:
+      # the save is then issued whole and `finally` waits for it.
+      with interrupts.deferred():
+        checkpoints.save(
+          manager,
+          run.plateau.epoch,
+          run.state,
+          config,
+          run_metadata(
+            config, train_split, run.plateau, step, results, settings
+          ),
+          score,
+        )
+        saved = {"epochs": run.plateau.epoch, "step": step}
+        seconds = timer.stop()
+        _log_epoch(
+          writer,
+          step,
+          epoch,
+          train_metrics,
+          results,
+          run.plateau,
+          improved,
+          during=during,
+          num_groups=setup.plateau.num_groups,
+          seconds=seconds,
+          eta=timer.eta(config.train.max_epochs - run.plateau.epoch),
+        )
+  except interrupts.Interrupted as stop:
+    manager.wait_until_finished()
+    stop.report = interrupted_report(stop, workdir, saved)
+    raise
   finally:
     if profiler is not None:
       profiler.close()
@@ -701,6 +755,31 @@ def train_and_evaluate(
     "stop_reason": run.plateau.stop_reason,
     "step": int(run.state.step),
   }
+
+
+def interrupted_report(
+  stop: interrupts.Interrupted, workdir: str, saved: Mapping[str, int | None]
+) -> str:
+  """The one line a stopped run ends with: what is saved, how to resume.
+
+  Args:
+    stop: the signal's exception.
+    workdir: the run directory.
+    saved: `{"epochs": epochs in the latest checkpoint (None: none yet),
+      "step": its train step}`. The epoch that was running is not kept:
+      checkpoints are epoch-granular.
+  """
+  where = checkpoints.directory(workdir)
+  if saved["epochs"] is None:
+    return (
+      f"{stop.name}: stopped before the first checkpoint, nothing saved in "
+      f"{where} (prepared data is kept). The same command starts again."
+    )
+  return (
+    f"{stop.name}: stopped. Saved: checkpoint {saved['epochs']} (epochs "
+    f"0-{saved['epochs'] - 1}, train step {saved['step']}) in {where}. The "
+    f"same command resumes from epoch {saved['epochs']}."
+  )
 
 
 def _timed(hooks, name: str):
@@ -719,7 +798,21 @@ def _log_epoch(
   results: Mapping[str, Any],
   plateau: optim.PlateauState,
   improved: bool,
+  *,
+  during: optim.PlateauState,
+  num_groups: int,
+  seconds: float,
+  eta: float,
 ) -> None:
+  """Writes the epoch's scalars and logs its one line.
+
+  The line: `epoch E step S: train loss L, validation CCC valence V arousal
+  A (mean M, best), lr 3.0e-04, released R/G, 23s, ETA 6m54s`. `best` marks
+  a new best epoch; lr and R/G (opened / all backbone release groups) are
+  those the epoch trained with (`during`; `plateau` is the state after it);
+  the ETA assumes the run goes to `config.train.max_epochs` (the plateau
+  rules may stop it earlier).
+  """
   from affjax import evaluate  # pylint: disable=g-import-not-at-top
 
   scalars = {f"train/epoch_{k}": v for k, v in train_metrics.items()}
@@ -730,20 +823,25 @@ def _log_epoch(
       "learning_rate": plateau.learning_rate,
       "released_groups": plateau.released,
       "best_ccc": plateau.best_ccc,
+      "epoch_seconds": seconds,
     }
   )
   writer.write_scalars(step, scalars)
+  ccc = " ".join(f"{e} {v['ccc']:.4f}" for e, v in results["overall"].items())
   logging.info(
-    "epoch %d step %d: train loss %.4f, validation CCC %s (mean %.4f)%s, "
-    "lr %.1e, released %d",
+    "epoch %d step %d: train loss %.4f, validation CCC %s (mean %.4f%s), "
+    "lr %.1e, released %d/%d, %s, ETA %s",
     epoch,
     step,
     train_metrics["loss"],
-    {e: round(v["ccc"], 4) for e, v in results["overall"].items()},
+    ccc,
     results["ccc_mean"],
-    " *best*" if improved else "",
-    plateau.learning_rate,
-    plateau.released,
+    ", best" if improved else "",
+    during.learning_rate,
+    during.released,
+    num_groups,
+    logs.duration(seconds),
+    logs.duration(eta),
   )
 
 
@@ -780,7 +878,7 @@ def evaluate_checkpoint(
     The results dict of `affjax.evaluate.compute_results` plus `"step"`
     and `"out_dir"`.
   """
-  ts.check_config(config)
+  ts.check_model_config(config)
   workdir = io.absolute(workdir)
   split = split or config.eval.split
   manager = checkpoints.create_manager(workdir, read_only=True)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax.traverse_util import flatten_dict
 
 from affjax import optim, sharding
 
@@ -258,8 +259,8 @@ def load_head_checkpoint(state: TrainState, workdir: str) -> TrainState:
   loaded = {k: v for k, v in loaded.items() if k != "backbone"}
   only_saved = sorted(set(loaded) - set(current))
   only_model = sorted(set(current) - set(loaded))
-  want = {k: v.shape for k, v in checkpoints.flatten(current).items()}
-  have = {k: v.shape for k, v in checkpoints.flatten(loaded).items()}
+  want = {k: v.shape for k, v in flatten_dict(current, sep=".").items()}
+  have = {k: v.shape for k, v in flatten_dict(loaded, sep=".").items()}
   shapes = [
     f"{k}: checkpoint {have[k]}, model {want[k]}"
     for k in sorted(set(want) & set(have))
@@ -312,8 +313,16 @@ def reset_optimizer(state: TrainState, setup: Setup) -> TrainState:
   return state.replace(opt_state=setup.opt_init_fn(state.params))
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Consistency checks that would otherwise fail deep inside jit."""
+def check_model_config(config: ml_collections.ConfigDict) -> None:
+  """Checks `config.model` fits `config.data` before anything is traced.
+
+  `model.backbone.conv_chunk` is an integer >= 0, `model.num_outputs` is
+  the number of `data.emotions`, and every input the model reads is in
+  `data.features`; each would otherwise fail deep inside jit.
+
+  Raises:
+    ValueError: naming the config keys that disagree.
+  """
   chunk = config.model.backbone.get("conv_chunk", 0)
   if not isinstance(chunk, int) or chunk < 0:
     raise ValueError(

@@ -29,8 +29,8 @@ saved to a file); epochs alternate between them.
 Consumption: the jitted training step of the case's own config
 (`affjax.train.jit_train_step`, compile time printed separately). The
 paper's end-to-end IR-50 step takes minutes per step on a CPU, so for
-`paper_frames` the PyTorch reference's measured 81.7 s per step (issue 8,
-same 2-core machine type) is used unless `--paper_frames_step=measure`, or
+`paper_frames` the PyTorch reference's measured 81.7 s per step (sucv/ABAW2
+timed on the same 2-core machine type) is used unless `--paper_frames_step=measure`, or
 `--train_step_json` points at `benchmarks/train_step.py --json` output (its
 affjax train rows, scaled linearly in frames per step). The ratio columns
 are pipeline windows/s / step windows/s (the target is >= 10). Nothing is
@@ -54,7 +54,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 CASES = ("demo", "paper_frames", "paper_embeddings")
-REFERENCE_E2E_STEP_S = 81.7  # PyTorch, B 8 x T 300, IR-50 frozen (issue 8)
+# PyTorch reference (sucv/ABAW2) timed on the same 2-core machine type:
+# B 8 x T 300, IR-50 frozen.
+REFERENCE_E2E_STEP_S = 81.7
 _AUDIO_DIMS = {"mfcc": 39, "egemaps": 23, "vggish": 128}
 
 
@@ -314,7 +316,7 @@ def consumption(case: str, config, args) -> dict[str, Any]:
     return {
       "compile_s": float("nan"),
       "step_s": REFERENCE_E2E_STEP_S,
-      "source": "PyTorch reference, issue 8 (IR-50, B8xT300)",
+      "source": "PyTorch reference, measured (IR-50, B8xT300)",
     }
   return time_train_step(config, args.step_repeats)
 

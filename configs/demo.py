@@ -9,9 +9,9 @@ once, and evaluates on the validation trials.
 
   python -m affjax.main --config=configs/demo.py --workdir=/tmp/affjax_demo
 
-Target on a 2-core CPU (issue 4): under 10 minutes in total (data
-generation and preprocessing included), validation CCC >= 0.5 for valence
-and arousal. Measured on an idle 2-core machine, from a fresh virtualenv:
+Target on a 2-core CPU: under 10 minutes in total (data generation and
+preprocessing included, so a newcomer sees a result before losing
+interest), validation CCC >= 0.5 for valence and arousal. Measured on an idle 2-core machine, from a fresh virtualenv:
 568 s (about 90 s data, 20 epochs of about 23 s), best validation CCC 0.728
 (valence) / 0.831 (arousal) at epoch 18. The backbone is the 'demo' IResNet
 ((8,16,32,64) channels, strides (2,2,2,1)); the arousal path starts to learn

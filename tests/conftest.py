@@ -5,12 +5,16 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# affjax loads openSMILE's native library before any test imports TensorFlow
-# (see affjax/opensmile_preload.py): the whole suite runs in one process.
+# Tests compute audio features in this process, which also imports
+# TensorFlow: openSMILE's native library must load first (see
+# affjax/data/preprocess/opensmile_preload.py).
+from affjax.data.preprocess import opensmile_preload
+
+opensmile_preload.preload()
+
 import jax
 import pytest
 
-import affjax  # noqa: F401
 from tests import shared_data
 
 # Set before any computation so multi-device tests see 8 devices; this avoids

@@ -1,7 +1,8 @@
 """Tests of the TFDS builder over a hand-written feature cache.
 
-`write_tiny_cache` writes the cache format of the team contract directly with
-numpy (no preprocessing), and is shared with tests/test_pipeline.py.
+`write_tiny_cache` writes the feature-cache format (`affjax.data.preprocess.
+cache`) directly with numpy (no preprocessing), and is shared with
+tests/test_pipeline.py.
 """
 
 import json

@@ -10,9 +10,10 @@ import jax
 import ml_collections
 import pytest
 from absl import flags
+from flax import traverse_util
 from ml_collections import config_flags
 
-from affjax import checkpoints, optim, sharding, train_state
+from affjax import optim, sharding, train_state
 from configs import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,13 +52,13 @@ def test_config_builds_locked_with_the_common_schema(name, arg):
   config = _load(name).get_config(arg)
   assert config.is_locked
   base = common.base_config()
-  flat = set(checkpoints.flatten(config.to_dict()))
-  base_flat = set(checkpoints.flatten(base.to_dict()))
+  flat = set(traverse_util.flatten_dict(config.to_dict(), sep="."))
+  base_flat = set(traverse_util.flatten_dict(base.to_dict(), sep="."))
   # Same keys as the schema (data.synthetic holds generator settings).
   assert {k for k in flat if not k.startswith("data.synthetic")} == {
     k for k in base_flat if not k.startswith("data.synthetic")
   }
-  train_state.check_config(config)
+  train_state.check_model_config(config)
   with pytest.raises(AttributeError):
     config.train.not_a_key = 1
 

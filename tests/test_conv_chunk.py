@@ -70,7 +70,7 @@ def test_negative_conv_chunk_is_named():
   config = common.base_config()
   config.model.backbone.conv_chunk = -1
   with pytest.raises(ValueError, match="config.model.backbone.conv_chunk"):
-    train_state.check_config(config)
+    train_state.check_model_config(config)
 
 
 def test_conv_chunk_may_differ_from_the_checkpoint_on_resume_and_eval():

@@ -36,7 +36,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 GLOBAL_BATCH = 16
 STEPS = 6
-MAX_IN_FLIGHT = 4  # bounded dispatch: deps_notes.md section b
+# Bounded dispatch: unbounded async dispatch with cross-device collectives
+# deadlocks XLA's CPU runtime (see affjax.train.train_epoch).
+MAX_IN_FLIGHT = 4
 IN_DIM, HIDDEN, OUT_DIM = 5, 8, 3
 WORKER_TIMEOUT_S = 75
 REAL_EPOCHS = 2  # a few steps each on the test data

@@ -271,3 +271,38 @@ def test_plateau_state_json_round_trip():
     "release_1": 0.0,
     "release_2": 0.0,
   }
+
+
+def test_frozen_group_keeps_no_adam_moments():
+  # The stem is in no release group: `frozen` for the whole run, so
+  # `optax.set_to_zero()` holds no state for it. Release groups (not yet
+  # released) and the head hold Adam moments mu and nu shaped like their
+  # parameters.
+  params = _params()
+  labels = optim.param_labels(params, "^backbone/", GROUPS)
+  tx = optim.make_optimizer(_optim_config(), labels, num_groups=2)
+  opt_state = tx.init(params)
+  by_group = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state):
+    group = optim.state_group(path)
+    by_group[group] = by_group.get(group, 0) + np.size(leaf)
+  # Per group: mu and nu (2 x its parameter count), the injected
+  # hyperparameters (lr, weight decay, b1, b2, eps) and two step counts.
+  # No entry at all for `frozen` (its 3x4 stem kernel).
+  sizes = {"head": 2 * 1, "release_0": 4 * 2 + 2, "release_1": 2 * 2}
+  assert by_group == {name: 2 * n + 5 + 2 for name, n in sizes.items()}
+  # Updates of the frozen group are exactly zero.
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, opt_state, params)
+  assert not np.any(updates["backbone"]["stem"]["kernel"])
+
+
+def test_set_learning_rates_rejects_training_the_frozen_group():
+  params = _params()
+  labels = optim.param_labels(params, "^backbone/", GROUPS)
+  tx = optim.make_optimizer(_optim_config(), labels, num_groups=2)
+  state = optim.set_learning_rates(tx.init(params), {"frozen": 0.0})
+  with pytest.raises(ValueError, match="never trained"):
+    optim.set_learning_rates(state, {"frozen": 1e-3})
+  with pytest.raises(ValueError, match="unknown parameter group 'nope'"):
+    optim.set_learning_rates(state, {"nope": 1e-3})

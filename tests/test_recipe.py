@@ -54,15 +54,15 @@ def test_lfan_defaults_to_the_reference_recipe():
   }
   assert train_state.selection_score(lead, results) == 0.8
   assert train_state.selection_score(c, results) == 0.5
-  train_state.check_config(lead)
+  train_state.check_model_config(lead)
   bad = lfan.get_config(None)
   bad.train.select_by = "arousal"  # not trained
   with pytest.raises(ValueError, match="config.train.select_by"):
-    train_state.check_config(bad)
+    train_state.check_model_config(bad)
   bad = lfan.get_config(None)
   bad.train.loss_weights = (1.0, 2.0)
   with pytest.raises(ValueError, match="one weight per emotion"):
-    train_state.check_config(bad)
+    train_state.check_model_config(bad)
   with pytest.raises(ValueError, match="lead"):
     lfan.get_config("lead=both")
 

@@ -314,9 +314,11 @@ def test_frozen_backbone_step_skips_its_backward(real_setup):
   ]
   # Backward ~2x the forward: without it the backbone-dominated step costs
   # about a third. With every group released the backbone's input layers
-  # and first blocks (in no release group) still get no gradient.
+  # and first blocks (in no release group) still get no gradient; the full
+  # step skips theirs too, since their `optax.set_to_zero()` update never
+  # reads it (so equal, not less).
   assert staged[0] < 0.7 * full, (staged, full)
-  assert staged[0] < staged[1] < full, (staged, full)
+  assert staged[0] < staged[1] <= full, (staged, full)
 
 
 def test_program_compiles_one_step_per_frozen_set(real_setup):

@@ -34,7 +34,9 @@ rebuilds the dataset only when that fingerprint changes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -44,6 +46,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from affjax import logs
 from affjax.data import dirlock, folds
 
 NAME = "aff_wild2"
@@ -350,7 +353,17 @@ def _build_once(cache_dir: str, tfds_dir: str) -> str:
     shutil.rmtree(out)
   tfds.disable_progress_bar()
   builder = AffWild2(cache_dir=cache_dir, data_dir=tfds_dir)
-  builder.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-  )
+  # TFDS prints "Downloading and preparing dataset Unknown size ..." and
+  # "... downloaded and prepared" to stdout whatever the log level; when
+  # libraries' INFO lines are off, `affjax.data.prepare` logs one line
+  # instead.
+  quiet = logs.libraries_quiet()
+  with (
+    contextlib.redirect_stdout(io.StringIO())
+    if quiet
+    else (contextlib.nullcontext())
+  ):
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
   return out

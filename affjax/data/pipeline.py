@@ -1,4 +1,4 @@
-"""tf.data windows over the TFDS trials: the Data API of the team contract.
+"""tf.data windows over the TFDS trials: the batches training and scoring read.
 
 A split of a fold is a list of trials (`affjax.data.splits`). Each trial is
 cut into windows of `window_length` frames (`affjax.data.stitch.

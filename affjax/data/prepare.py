@@ -35,6 +35,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any
 
 from absl import logging
@@ -151,7 +152,14 @@ def _run_stages(job: dict[str, Any]) -> None:
   if job["generate"] is not None:
     from affjax.data import synthetic  # pylint: disable=g-import-not-at-top
 
+    start = time.monotonic()
     synthetic.generate(job["raw_dir"], **job["generate"])
+    logging.info(
+      "Data: synthetic raw dataset in %s (%.0fs).",
+      job["raw_dir"],
+      time.monotonic() - start,
+    )
+  start = time.monotonic()
   manifest = run_lib.preprocess(
     job["raw_dir"],
     job["cache_dir"],
@@ -160,10 +168,11 @@ def _run_stages(job: dict[str, Any]) -> None:
     test_list=job["test_list"],
   )
   logging.info(
-    "Cache %s: %d trials (%d skipped).",
+    "Data: feature cache %s: %d trials, %d skipped (%.0fs).",
     job["cache_dir"],
     len(manifest["trials"]),
     len(manifest.get("skipped", {})),
+    time.monotonic() - start,
   )
 
 
@@ -209,9 +218,14 @@ def _run_stages_in_subprocess(job: dict[str, Any]) -> None:
 
 
 def _child_main(job_path: str, error_path: str) -> int:
+  from affjax import logs
+  from affjax.data.preprocess import opensmile_preload
+
+  # This fresh interpreter computes the audio features: openSMILE first.
+  opensmile_preload.preload()
   with open(job_path) as f:
     job = json.load(f)
-  logging.set_verbosity(logging.INFO)
+  logs.configure(**job.get("logging", {"verbosity": 0, "quiet": True}))
   try:
     _run_stages(job)
   except Exception as e:  # noqa: BLE001  (re-raised in the parent)
@@ -237,6 +251,7 @@ def prepare(data_config: Any, workdir: str) -> DataPaths:
       path) and no cache to fall back on.
     ValueError: unknown data name or option; errors of the stages.
   """
+  from affjax import logs  # pylint: disable=g-import-not-at-top
   from affjax.data import affwild2  # pylint: disable=g-import-not-at-top
 
   paths = resolve_paths(data_config, workdir)
@@ -253,6 +268,8 @@ def prepare(data_config: Any, workdir: str) -> DataPaths:
     "settings": settings,
     "num_workers": run.get("num_workers"),
     "test_list": run.get("test_list"),
+    # The child logs like this process (e.g. with --verbosity=1 each trial).
+    "logging": logs.settings(),
   }
   if data_config.name == "synthetic":
     _run_stages_in_subprocess(dict(job, generate=gen))
@@ -278,7 +295,11 @@ def prepare(data_config: Any, workdir: str) -> DataPaths:
         paths.raw_dir,
         paths.cache_dir,
       )
+  start = time.monotonic()
   affwild2.build(paths.cache_dir, paths.tfds_dir)
+  logging.info(
+    "Data: TFDS dataset %s (%.0fs).", paths.tfds_dir, time.monotonic() - start
+  )
   return paths
 
 

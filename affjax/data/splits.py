@@ -138,8 +138,15 @@ def open_dataset(paths: Any) -> tuple[Any, dict[str, Any], tuple[Any, ...]]:
   return builder, meta, token
 
 
-def check_config(data_config: Any, meta: dict[str, Any]) -> None:
-  """Raises ValueError naming the bad `config.data` key."""
+def check_data_config(data_config: Any, meta: dict[str, Any]) -> None:
+  """Checks `config.data` against the TFDS dataset's metadata `meta`.
+
+  The features asked for exist in the dataset, emotions are known columns,
+  the time delay is >= 0 and the crop fits the cached frames.
+
+  Raises:
+    ValueError: naming the bad `config.data` key.
+  """
   features = tuple(data_config.features)
   available = {"frames", *affwild2.AUDIO_FEATURES}
   if meta.get("embeddings"):
@@ -453,7 +460,7 @@ def load_split(data_config: Any, paths: Any, split: str) -> Split:
     in place).
   """
   _, meta, token = open_dataset(paths)
-  check_config(data_config, meta)
+  check_data_config(data_config, meta)
   names = split_trials(meta, data_config.fold, split)
   label_paths = [_labels_path(paths.cache_dir, n) for n in names]
   try:

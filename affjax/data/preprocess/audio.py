@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from affjax import opensmile_preload
+from affjax.data.preprocess import opensmile_preload
 
 # openSMILE's MFCC/eGeMAPS frame step (s).
 LLD_STEP_SECONDS = 0.01

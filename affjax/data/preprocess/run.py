@@ -40,8 +40,16 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from affjax import logs
 from affjax.data import dirlock
-from affjax.data.preprocess import audio, cache, labels, layout, video
+from affjax.data.preprocess import (
+  audio,
+  cache,
+  labels,
+  layout,
+  opensmile_preload,
+  video,
+)
 from affjax.data.preprocess.cache import PreprocessSettings
 
 __all__ = ["BrokenProcessPool", "PreprocessSettings", "preprocess"]
@@ -184,10 +192,22 @@ def _build_trial(job: _Job, settings: PreprocessSettings, cache_dir: str):
   arrays = {"frames": frames, "face_mask": face_mask, "labels": job.labels}
   arrays.update(features)
   cache.write_trial(cache_dir, src.name, arrays, meta)
-  logging.info(
+  logging.debug(
     "preprocessed %s: %d frames in %.1fs", src.name, n, time.time() - start
   )
   return meta
+
+
+def _init_worker(parent_pid: int, log_settings: dict[str, Any]) -> None:
+  """Start of each spawn worker: dies with the parent, loads openSMILE first.
+
+  A worker is a fresh interpreter that computes the audio features, so it
+  loads openSMILE's native library before anything could import TensorFlow
+  (see `opensmile_preload`), and logs like the parent (`affjax.logs`).
+  """
+  opensmile_preload.preload()
+  logs.configure(**log_settings)
+  _die_with_parent(parent_pid)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -241,8 +261,8 @@ def _build_in_pool(jobs, settings, cache_dir, num_workers, record):
   with concurrent.futures.ProcessPoolExecutor(
     max_workers=min(num_workers, len(jobs)),
     mp_context=context,
-    initializer=_die_with_parent,
-    initargs=(os.getpid(),),
+    initializer=_init_worker,
+    initargs=(os.getpid(), logs.settings()),
   ) as pool:
     try:
       # Inside the try: a worker killed while jobs are still being submitted
@@ -269,6 +289,29 @@ def _build_in_pool(jobs, settings, cache_dir, num_workers, record):
     except BaseException:
       pool.shutdown(wait=True, cancel_futures=True)
       raise
+
+
+class _Progress:
+  """Logs 'built k/n trials' at most once a minute (each trial: DEBUG).
+
+  On Aff-Wild2 the build takes hours: a line a minute shows it is moving
+  without one line per trial.
+  """
+
+  EVERY_SECONDS = 60.0
+
+  def __init__(self, total: int):
+    self.total, self.done = total, 0
+    self.start = self.last = time.monotonic()
+
+  def one_done(self) -> None:
+    self.done += 1
+    now = time.monotonic()
+    if now - self.last >= self.EVERY_SECONDS and self.done < self.total:
+      self.last = now
+      logging.info(
+        "built %d/%d trials in %.0fs", self.done, self.total, now - self.start
+      )
 
 
 def _reconcile(manifest, cache_dir, wanted):
@@ -348,10 +391,13 @@ def preprocess(
       len(manifest["skipped"]),
     )
 
+    progress = _Progress(len(jobs))
+
     def record(meta):
       manifest["trials"][meta["trial"]] = cache.manifest_entry(meta)
       manifest["trials"] = dict(sorted(manifest["trials"].items()))
       cache.atomic_write_json(manifest_path, manifest)
+      progress.one_done()
 
     if num_workers <= 1 or len(jobs) <= 1:
       for job in jobs:

@@ -5,7 +5,13 @@ both export the same libstdc++ template instantiations with different ABIs.
 Whichever library loads first wins the symbol binding; when TensorFlow is first,
 openSMILE later corrupts the heap (`malloc(): invalid size (unsorted)`, abort).
 Loading the openSMILE library first (a `ctypes` load, no pandas import) is
-enough, so `import affjax` does it, and the audio features check it.
+enough. Audio features are computed in processes that never import
+TensorFlow: the data-preparation child of a training run and the spawn
+workers of `affjax.data.preprocess.run`, which call `preload` when they
+start. `ensure_safe` (called before openSMILE's first use) loads the library
+if that has not happened yet and turns the crash into an error in a process
+where TensorFlow came first; a process that needs both (the test session)
+calls `preload` before importing TensorFlow.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ def ensure_safe() -> None:
     raise RuntimeError(
       "openSMILE was loaded after TensorFlow in this process; computing "
       "audio features now would crash it (clashing libstdc++ symbols). "
-      "Import affjax (or opensmile) before tensorflow, or run preprocessing "
-      "in its own process (python -m affjax.data.preprocess)."
+      "Call affjax.data.preprocess.opensmile_preload.preload() (or import "
+      "opensmile) before tensorflow, or run preprocessing in its own process "
+      "(python -m affjax.data.preprocess)."
     )
