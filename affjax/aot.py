@@ -396,6 +396,13 @@ def compile_config(
       k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=data)
       for k, s in ts.batch_specs(config, size, train=is_train).items()
     }
+    if not is_train:
+      # The eval step carries each window's identity through the devices.
+      t = config.data.window_length
+      batch["trial"] = jax.ShapeDtypeStruct((size,), "int32", sharding=data)
+      batch["frame_index"] = jax.ShapeDtypeStruct(
+        (size, t), "int32", sharding=data
+      )
     compiled = step.lower(program.setup.abstract_state, batch).compile()
     result = analyse(compiled, chip, len(devices))
     results["stages"][name] = result
