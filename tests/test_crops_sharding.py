@@ -66,22 +66,25 @@ def test_crops_axis_matches_one_device():
   assert "f32[8,40,40,3]" in hlo
   assert "f32[16,40,40,3]" not in hlo
   np.testing.assert_allclose(l1, l8, rtol=1e-5)
-  # Only reduction order differs; Adam divides by sqrt(v), so a weight with
-  # a near-zero gradient turns float32 round-off into a few % of one
-  # lr-sized (1e-3) step: measured 2.4e-5 at most after 3 steps.
-  for a, b in zip(
-    jax.tree.leaves(ts.weights(s1)), jax.tree.leaves(ts.weights(s8))
-  ):
-    np.testing.assert_allclose(
-      np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4
-    )
-  # Training moved the weights: the comparison is not vacuous.
+  # Only reduction order differs. Adam divides by sqrt(v): a weight whose
+  # true gradient is zero (a bias just before BatchNorm) moves by about +-lr
+  # per step with the sign of float32 round-off, so a few weights differ by
+  # up to 2 lr-steps. A wrong split of the crops (other BatchNorm statistics,
+  # lost gradients) changes most weights, so the check is on how many differ.
   init = ts.init_state(ts.build_setup(config, one), train.root_keys(0)[0])
-  moved = [
-    not np.allclose(a, b)
-    for a, b in zip(jax.tree.leaves(init.params), jax.tree.leaves(s1.params))
-  ]
-  assert sum(moved) > len(moved) // 2
+  flat = {
+    name: np.concatenate(
+      [
+        np.ravel(np.asarray(x, np.float64))
+        for x in jax.tree.leaves(ts.weights(s))
+      ]
+    )
+    for name, s in (("init", init), ("one", s1), ("split", s8))
+  }
+  differ = np.abs(flat["one"] - flat["split"]) > 1e-5
+  assert differ.mean() < 0.01, differ.mean()
+  # Training moved most weights: the comparison is not vacuous.
+  assert (np.abs(flat["one"] - flat["init"]) > 1e-4).mean() > 0.5
 
 
 def test_batch_is_split_over_all_axes_but_crops():
