@@ -25,6 +25,13 @@ import sys
 # user asks for them; must be set before TensorFlow loads.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# `--mode=predict` computes audio features in this process, which also loads
+# TensorFlow: openSMILE's native library must be loaded before it (a no-op
+# without the `[preprocess]` extra).
+from affjax.data.preprocess import opensmile_preload
+
+opensmile_preload.preload()
+
 from absl import app, flags, logging
 
 from affjax.config_flag import parse_flags
