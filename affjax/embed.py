@@ -68,7 +68,6 @@ IDENTITY_KEYS = (
   "seed",
   "crop_size",
 )
-_TMP_PREFIX = io.TMP_PREFIX
 
 
 def embedding_settings(
@@ -286,13 +285,6 @@ def list_trials(cache_dir: str) -> list[str]:
   )
 
 
-def _remove_temporaries(trial_dir: str) -> None:
-  # Leftovers of a killed run; one embedding run per cache at a time.
-  for name in os.listdir(trial_dir):
-    if name.startswith(_TMP_PREFIX):
-      os.remove(os.path.join(trial_dir, name))
-
-
 def _pending(
   cache_dir: str,
   trials: Sequence[str],
@@ -307,7 +299,8 @@ def _pending(
       raise FileNotFoundError(
         f"{os.path.join(trial_dir, FRAMES_FILE)} is missing."
       )
-    _remove_temporaries(trial_dir)
+    # Leftovers of a killed run; one embedding run per cache at a time.
+    io.remove_temporaries(trial_dir)
     info = read_info(trial_dir)
     if info is None:
       todo.append(name)

@@ -84,6 +84,19 @@ def _flatten(pred, target, mask, xp):
   return p, t, w.reshape(-1, c)
 
 
+def _sums(p, t, w) -> Moments:
+  """Weighted sums over axis 0 of flat predictions, targets and weights."""
+  return Moments(
+    count=w.sum(0),
+    sum_p=(w * p).sum(0),
+    sum_t=(w * t).sum(0),
+    sum_pp=(w * p * p).sum(0),
+    sum_tt=(w * t * t).sum(0),
+    sum_pt=(w * p * t).sum(0),
+    sum_sq_err=(w * (p - t) ** 2).sum(0),
+  )
+
+
 def moments(pred: Array, target: Array, mask: Array | None = None) -> Moments:
   """Sufficient statistics of the valid frames (jit-compatible).
 
@@ -101,16 +114,7 @@ def moments(pred: Array, target: Array, mask: Array | None = None) -> Moments:
   """
   pred = jnp.asarray(pred)
   target = jnp.asarray(target, pred.dtype)
-  p, t, w = _flatten(pred, target, mask, jnp)
-  return Moments(
-    count=w.sum(0),
-    sum_p=(w * p).sum(0),
-    sum_t=(w * t).sum(0),
-    sum_pp=(w * p * p).sum(0),
-    sum_tt=(w * t * t).sum(0),
-    sum_pt=(w * p * t).sum(0),
-    sum_sq_err=(w * (p - t) ** 2).sum(0),
-  )
+  return _sums(*_flatten(pred, target, mask, jnp))
 
 
 def moments_np(
@@ -119,16 +123,7 @@ def moments_np(
   """Float64 numpy version of `moments` for host-side accumulation."""
   pred = np.asarray(pred, np.float64)
   target = np.asarray(target, np.float64)
-  p, t, w = _flatten(pred, target, mask, np)
-  return Moments(
-    count=w.sum(0),
-    sum_p=(w * p).sum(0),
-    sum_t=(w * t).sum(0),
-    sum_pp=(w * p * p).sum(0),
-    sum_tt=(w * t * t).sum(0),
-    sum_pt=(w * p * t).sum(0),
-    sum_sq_err=(w * (p - t) ** 2).sum(0),
-  )
+  return _sums(*_flatten(pred, target, mask, np))
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
